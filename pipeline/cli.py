@@ -1,0 +1,67 @@
+"""What every stage CLI shares: the ``--params`` flag, clean errors, a metrics file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+__all__ = ["run_stage", "stage_parser", "write_json_atomic"]
+
+
+def stage_parser(description: str) -> argparse.ArgumentParser:
+    """An argument parser with the options every stage takes."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument(
+        "--params",
+        type=Path,
+        default=Path("params.yaml"),
+        help="params file to read (default: params.yaml; the paper's setting: params-full.yaml)",
+    )
+    return parser
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors caused by input or environment: reported in one line, no traceback."""
+    from pipeline.config import ConfigError
+    from pipeline.tracking import TrackingUnavailableError
+    from plvc.errors import PLVCError
+
+    errors: list[type[BaseException]] = [ConfigError, TrackingUnavailableError, PLVCError]
+    for module, name in (("pipeline.download", "DownloadError"), ("pipeline.shards", "ShardError")):
+        try:
+            errors.append(getattr(__import__(module, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
+def run_stage(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> None:
+    """Run a stage's ``main``; a user error exits 1 with its message, not a traceback."""
+    try:
+        main(argv)
+    except _user_errors() as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted: outputs written so far are kept; re-run to resume", file=sys.stderr)
+        sys.exit(130)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to ``path`` through a temp file and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True, default=str)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,50 @@
+"""Connecting to Ray: a real cluster when one is named, else a local one on loopback."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pipeline.config import Params
+
+__all__ = ["init_ray", "shutdown_ray"]
+
+# Ray records the last local cluster here; a stale copy makes the next start or
+# `ray job submit` try to join a dead cluster.
+_CURRENT_CLUSTER_FILE = Path("/tmp/ray/ray_current_cluster")
+
+
+def init_ray(params: Params | None = None, *, num_cpus: int | None = None) -> str:
+    """Start or join Ray; return ``"local"`` or the cluster address joined.
+
+    ``RAY_ADDRESS`` (set by ``ray job submit`` inside a job) wins over ``ray.address``
+    in params; with neither, an embedded single-node cluster is started on 127.0.0.1
+    so nothing listens on other interfaces.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return "existing"
+    address = os.environ.get("RAY_ADDRESS") or (params.ray.address if params else None)
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return address
+    cpus = num_cpus or (params.ray.num_cpus if params else None)
+    ray.init(
+        num_cpus=cpus,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        log_to_driver=True,
+        configure_logging=True,
+    )
+    return "local"
+
+
+def shutdown_ray() -> None:
+    """Stop the local Ray this process started and remove its stale cluster record."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    if not os.environ.get("RAY_ADDRESS"):
+        _CURRENT_CLUSTER_FILE.unlink(missing_ok=True)

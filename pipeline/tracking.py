@@ -1,0 +1,239 @@
+"""MLflow glue: one MLflow run per stage execution, all runs of a pipeline linked.
+
+Every stage wraps its work in :func:`stage_run`. The run is tagged with
+
+- ``plvc.pipeline_id``: shared by every stage of one ``dvc repro`` / ``dvc exp run``
+  (derived from the DVC process that launched the stages, or ``PLVC_PIPELINE_ID``),
+- ``plvc.git_commit`` and ``plvc.git_dirty``,
+- ``plvc.dvc_stage`` (``DVC_STAGE``, e.g. ``train_gan@low``) and ``plvc.dvc_exp_name``,
+
+and is nested under a parent run of that pipeline id, so the MLflow UI shows one pipeline
+run with its stages beneath it.
+
+The store is ``MLFLOW_TRACKING_URI`` when set, else ``tracking.uri`` from params, else MLflow
+3's own default, ``sqlite:///mlflow.db`` in the repository root. A remote server that does
+not answer fails the stage at its start, before any work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import subprocess
+import tempfile
+import uuid
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import requests
+from mlflow.tracking import MlflowClient
+
+from pipeline.config import Params, flatten
+
+__all__ = [
+    "PIPELINE_ID_ENV",
+    "TrackingUnavailableError",
+    "configure_tracking",
+    "log_json_artifact",
+    "pipeline_id",
+    "repo_root",
+    "resolve_tracking_uri",
+    "stage_run",
+]
+
+PIPELINE_ID_ENV = "PLVC_PIPELINE_ID"
+_TAG = "plvc."
+
+
+class TrackingUnavailableError(RuntimeError):
+    """The MLflow tracking store cannot be reached or opened."""
+
+
+def repo_root() -> Path:
+    """The DVC repository root (``DVC_ROOT`` under dvc), else the git top level, else cwd."""
+    if os.environ.get("DVC_ROOT"):
+        return Path(os.environ["DVC_ROOT"])
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--show-toplevel"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        )
+        return Path(out.stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        return Path.cwd()
+
+
+def resolve_tracking_uri(params: Params | None = None) -> str:
+    """``MLFLOW_TRACKING_URI`` > ``tracking.uri`` > ``sqlite:///<repo>/mlflow.db``."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    if params is not None and params.tracking.uri:
+        return params.tracking.uri
+    # absolute, so a stage started from another directory still lands in the same store
+    return f"sqlite:///{repo_root() / 'mlflow.db'}"
+
+
+def _check_reachable(uri: str, timeout_s: float) -> None:
+    if uri.startswith(("http://", "https://")):
+        health = uri.rstrip("/") + "/health"
+        try:
+            resp = requests.get(health, timeout=timeout_s)
+        except requests.RequestException as exc:
+            raise TrackingUnavailableError(
+                f"MLflow tracking server {uri} is unreachable ({type(exc).__name__}: {exc}). "
+                "Start it, fix MLFLOW_TRACKING_URI / tracking.uri, or unset both to use the "
+                "local sqlite store."
+            ) from None
+        if resp.status_code >= 400:
+            raise TrackingUnavailableError(
+                f"MLflow tracking server {uri} answered {resp.status_code} on /health"
+            )
+    elif uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        if not db.parent.is_dir():
+            raise TrackingUnavailableError(
+                f"MLflow store {uri}: folder {db.parent} does not exist"
+            )
+
+
+def configure_tracking(params: Params | None = None) -> str:
+    """Point MLflow at the resolved store, check it answers, select the experiment."""
+    uri = resolve_tracking_uri(params)
+    timeout = params.tracking.connect_timeout_s if params else 5.0
+    _check_reachable(uri, timeout)
+    mlflow.set_tracking_uri(uri)
+    experiment = params.tracking.experiment if params else "plvc"
+    try:
+        if uri.startswith("sqlite:") and mlflow.get_experiment_by_name(experiment) is None:
+            # pin artifacts beside the sqlite file; MLflow's default is relative to the cwd
+            location = Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts"
+            mlflow.create_experiment(experiment, artifact_location=location.as_uri())
+        mlflow.set_experiment(experiment)
+    except Exception as exc:  # mlflow raises many types; the message is what matters
+        raise TrackingUnavailableError(
+            f"MLflow store {uri}: cannot open experiment {experiment!r}: {exc}"
+        ) from exc
+    return uri
+
+
+def _dvc_ancestor() -> str | None:
+    """pid and start time of the ``dvc`` process that launched this stage, if any."""
+    try:
+        import psutil
+    except ImportError:  # pragma: no cover - psutil ships with ray
+        return None
+    try:
+        proc = psutil.Process().parent()
+        while proc is not None:
+            cmd = " ".join(proc.cmdline()[:3])
+            if proc.name() == "dvc" or "/dvc " in f"{cmd} " or " -m dvc" in cmd:
+                return f"{proc.pid}-{proc.create_time():.3f}"
+            proc = proc.parent()
+    except (psutil.Error, OSError):
+        return None
+    return None
+
+
+def pipeline_id() -> str:
+    """Identifier shared by every stage of one pipeline execution.
+
+    ``PLVC_PIPELINE_ID`` wins (set it when submitting stages to a cluster by hand); under
+    ``dvc repro`` every stage is a child of the same dvc process, whose pid and start
+    time name the pipeline; a stage run on its own gets a fresh id.
+    """
+    if os.environ.get(PIPELINE_ID_ENV):
+        return os.environ[PIPELINE_ID_ENV]
+    anchor = _dvc_ancestor()
+    if anchor is None:
+        return uuid.uuid4().hex[:16]
+    return hashlib.sha1(f"{os.uname().nodename}-{anchor}".encode()).hexdigest()[:16]
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", *args], capture_output=True, text=True, check=True, timeout=10,
+            cwd=repo_root(),
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip()
+
+
+def _pipeline_tags(stage: str, pid: str) -> dict[str, str]:
+    commit = _git("rev-parse", "HEAD") or "unknown"
+    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    return {
+        f"{_TAG}pipeline_id": pid,
+        f"{_TAG}git_commit": commit,
+        f"{_TAG}git_dirty": str(bool(dirty)).lower() if dirty is not None else "unknown",
+        f"{_TAG}dvc_stage": os.environ.get("DVC_STAGE", stage),
+        f"{_TAG}dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
+    }
+
+
+def _parent_run_id(client: MlflowClient, experiment_id: str, tags: dict[str, str]) -> str:
+    pid = tags[f"{_TAG}pipeline_id"]
+    found = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{_TAG}pipeline_id` = '{pid}' and tags.`{_TAG}role` = 'pipeline'",
+        max_results=1,
+    )
+    if found:
+        return found[0].info.run_id
+    name = tags[f"{_TAG}dvc_exp_name"] or f"pipeline-{pid[:8]}"
+    run = client.create_run(
+        experiment_id, run_name=name, tags={**tags, f"{_TAG}role": "pipeline",
+                                            f"{_TAG}dvc_stage": ""},
+    )
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
+
+
+@contextlib.contextmanager
+def stage_run(
+    stage: str,
+    params: Params,
+    *,
+    logged_params: Mapping[str, Any] | None = None,
+    run_name: str | None = None,
+) -> Iterator[mlflow.ActiveRun]:
+    """Run a stage as one MLflow run nested under its pipeline's parent run.
+
+    ``logged_params`` are the stage's own knobs (flattened ``a.b`` keys); the seed is
+    always logged. A failing stage ends its run as FAILED and re-raises.
+    """
+    configure_tracking(params)
+    pid = pipeline_id()
+    tags = _pipeline_tags(stage, pid)
+    client = MlflowClient()
+    experiment = mlflow.get_experiment_by_name(params.tracking.experiment)
+    assert experiment is not None  # configure_tracking created it
+    parent = _parent_run_id(client, experiment.experiment_id, tags)
+    tags["mlflow.parentRunId"] = parent
+    tags[f"{_TAG}role"] = "stage"
+    name = run_name or os.environ.get("DVC_STAGE") or stage
+    with mlflow.start_run(run_name=name, tags=tags) as run:
+        values = {"seed": params.seed, **flatten(dict(logged_params or {}))}
+        # MLflow params are strings of bounded size; lists and None are logged as JSON
+        mlflow.log_params({k: json.dumps(v) if not isinstance(v, str) else v
+                           for k, v in values.items()})
+        print(f"[{name}] MLflow run {run.info.run_id} (pipeline {pid}) in {mlflow.get_tracking_uri()}",
+              flush=True)
+        yield run
+
+
+def log_json_artifact(obj: Any, name: str, artifact_path: str | None = None) -> None:
+    """Log a JSON-serialisable object as an artifact file ``name``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        path.write_text(json.dumps(obj, indent=2, default=str))
+        mlflow.log_artifact(str(path), artifact_path=artifact_path)
