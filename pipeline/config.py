@@ -29,6 +29,7 @@ __all__ = [
     "PathsConfig",
     "QualityConfig",
     "RayConfig",
+    "RunnerConfig",
     "SampleConfig",
     "ShardConfig",
     "TrackingConfig",
@@ -155,6 +156,29 @@ class DataConfig(_Strict):
     random_flip: bool = True
 
 
+class RunnerConfig(_Strict):
+    """How a training phase runs on Ray Train (shared by every training stage)."""
+
+    num_workers: PosInt = 2
+    use_gpu: bool = False
+    #: fractional CPUs per train worker leave cores to Ray Data (a full core each starves it)
+    cpus_per_worker: PosFloat = 0.5
+    gpus_per_worker: PosFloat = 1.0
+    #: Ray Train storage: a local folder, an NFS path or an s3:// URI every node sees
+    storage_path: str = Field("ray_results", min_length=1)
+    max_failures: NonNegInt = 2
+    checkpoint_every: PosInt = 50
+    num_to_keep: PosInt = 2
+    log_every: PosInt = 10
+    image_every: PosInt = 100
+    #: bf16 autocast on GPU workers (ignored on CPU)
+    bf16: bool = True
+    #: gradient-norm clipping (None: off)
+    grad_clip: PosFloat | None = 1.0
+    #: DDP backend on CPU workers
+    cpu_backend: Literal["gloo"] = "gloo"
+
+
 class QualityConfig(_Strict):
     """One row of the paper's Table 1."""
 
@@ -197,6 +221,7 @@ class Params(_Strict):
     download: DownloadConfig = Field(default_factory=DownloadConfig)
     shard: ShardConfig = Field(default_factory=ShardConfig)
     data: DataConfig = Field(default_factory=DataConfig)
+    runner: RunnerConfig = Field(default_factory=RunnerConfig)
     qualities: dict[Literal["low", "medium", "high"], QualityConfig] = Field(
         default_factory=_table1
     )
