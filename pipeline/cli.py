@@ -29,16 +29,12 @@ def stage_parser(description: str) -> argparse.ArgumentParser:
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors caused by input or environment: reported in one line, no traceback."""
     from pipeline.config import ConfigError
+    from pipeline.download import DownloadError
+    from pipeline.shards import ShardError
     from pipeline.tracking import TrackingUnavailableError
     from plvc.errors import PLVCError
 
-    errors: list[type[BaseException]] = [ConfigError, TrackingUnavailableError, PLVCError]
-    for module, name in (("pipeline.download", "DownloadError"), ("pipeline.shards", "ShardError")):
-        try:
-            errors.append(getattr(__import__(module, fromlist=[name]), name))
-        except (ImportError, AttributeError):
-            pass
-    return tuple(errors)
+    return (ConfigError, TrackingUnavailableError, DownloadError, ShardError, PLVCError)
 
 
 def run_stage(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> None:

@@ -226,8 +226,11 @@ def stage_run(
         # MLflow params are strings of bounded size; lists and None are logged as JSON
         mlflow.log_params({k: json.dumps(v) if not isinstance(v, str) else v
                            for k, v in values.items()})
-        print(f"[{name}] MLflow run {run.info.run_id} (pipeline {pid}) in {mlflow.get_tracking_uri()}",
-              flush=True)
+        print(
+            f"[{name}] MLflow run {run.info.run_id} (pipeline {pid}) in "
+            f"{mlflow.get_tracking_uri()}",
+            flush=True,
+        )
         yield run
 
 

@@ -17,7 +17,10 @@ from pipeline.tracking import log_json_artifact, stage_run
 def main(argv: list[str] | None = None) -> None:
     args = stage_parser(__doc__.splitlines()[0]).parse_args(argv)
     params = load_params(args.params)
-    logged = {"download": params.download.model_dump(mode="json"), "paths.raw": str(params.paths.raw)}
+    logged = {
+        "download": params.download.model_dump(mode="json"),
+        "paths.raw": str(params.paths.raw),
+    }
     with stage_run("download", params, logged_params=logged):
         manifest = prepare_raw(params.download, params.paths.raw, params.paths.downloads)
         counts = manifest.get("counts", {})
