@@ -1,7 +1,8 @@
 """HiFiC: the I-frame codec of PLVC.
 
 Mentzer, Toderici, Tschannen, Agustsson, "High-Fidelity Generative Image Compression",
-NeurIPS 2020 (HiFiC). Architecture after the paper's Fig. 3 and the authors' release
+NeurIPS 2020 (HiFiC). Architecture after the paper's architecture figure and the authors'
+release
 (``tensorflow/compression/models/hific/archs.py``):
 
 - E: conv7x7 (60) and four conv3x3 stride 2 (120, 240, 480, 960), each with ChannelNorm
@@ -12,8 +13,10 @@ NeurIPS 2020 (HiFiC). Architecture after the paper's Fig. 3 and the authors' rel
   ``z`` through CompressAI's ``EntropyBottleneck``, ``y`` through ``GaussianConditional``.
 - D: conditional PatchGAN on ``[x, upsample(conv(ŷ))]`` with spectral norm.
 
-Quantisation (HiFiC Sec. 3.2, CompressAI's ScaleSpaceFlow hyperprior): the decoder sees
-``round(y - μ) + μ`` with a straight-through gradient; the rate uses additive uniform noise.
+Quantisation (as the release's ``round_latents_for_training`` and CompressAI's
+ScaleSpaceFlow hyperprior): G sees ``round(y - μ) + μ`` with a straight-through gradient,
+the rate of y uses additive uniform noise, and z is noisy in training (the release's
+factorized prior layer).
 
 Coding is deterministic: the entropy parameters (hyper-synthesis, scale indexes, means)
 are computed from decoded symbols only, on the CPU in float32 with one thread
@@ -31,6 +34,7 @@ import json
 import math
 import os
 import tempfile
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,10 +42,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from compressai.entropy_models import EntropyBottleneck, GaussianConditional
-from compressai.models import CompressionModel
-from compressai.models.utils import conv, deconv
-from compressai.ops import quantize_ste
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 
@@ -49,6 +49,14 @@ from plvc.bitstream import MAX_DIMENSION, pack_fields, unpack_fields
 from plvc.determinism import cpu_functional_call, deterministic_coding
 from plvc.errors import BitstreamError, IntraCodecError, WeightsError
 from plvc.intra import register_intra_codec
+
+with warnings.catch_warnings():
+    # CompressAI 1.2.8 calls torch.jit.script at import, which torch 2.14 deprecates
+    warnings.simplefilter("ignore", FutureWarning)
+    from compressai.entropy_models import EntropyBottleneck, GaussianConditional
+    from compressai.models import CompressionModel
+    from compressai.models.utils import conv, deconv
+    from compressai.ops import quantize_ste
 
 __all__ = [
     "HIFIC_CHECKPOINT_FORMAT",
@@ -107,7 +115,7 @@ class HiFiCConfig:
 
     @classmethod
     def paper(cls) -> HiFiCConfig:
-        """The published model (HiFiC Fig. 3): about 181 M parameters without D."""
+        """The published model: 181.5 M parameters without D (D: 2.8 M)."""
         return cls()
 
     @classmethod
@@ -189,7 +197,7 @@ def _resolve_config(config: HiFiCConfig | Mapping[str, Any] | str | None) -> HiF
 class ChannelNorm2d(nn.Module):
     """Normalise each pixel over its channels, then a learned per-channel affine.
 
-    HiFiC Sec. 4 ("ChannelNorm"): unlike InstanceNorm it does not depend on the image
+    HiFiC's "ChannelNorm": unlike InstanceNorm it does not depend on the image
     size, so models trained on crops work on full images. As in the authors' release the
     variance is the unbiased one and ``eps = 1e-3``. Computed in float32 under autocast.
     """
@@ -234,7 +242,7 @@ class HiFiCResidualBlock(nn.Sequential):
 
 
 class HiFiCEncoder(nn.Sequential):
-    """E (HiFiC Fig. 3): image in [0, 1] -> latent y at 1/2**num_scales resolution."""
+    """HiFiC's encoder E: image in [0, 1] -> latent y at 1/2**num_scales resolution."""
 
     def __init__(self, config: HiFiCConfig) -> None:
         base = config.base_channels
@@ -253,7 +261,7 @@ class HiFiCEncoder(nn.Sequential):
 
 
 class HiFiCGenerator(nn.Module):
-    """G (HiFiC Fig. 3): ŷ -> image; residual blocks at the bottleneck width, global skip."""
+    """HiFiC's generator G: ŷ -> image; residual blocks at the bottleneck width, global skip."""
 
     def __init__(self, config: HiFiCConfig) -> None:
         super().__init__()
@@ -349,7 +357,7 @@ class HiFiC(CompressionModel):
             )
 
     def forward(self, x: Tensor) -> dict[str, Any]:
-        """Training/validation pass (HiFiC Sec. 3.2).
+        """Training/validation pass.
 
         Returns ``x_hat``, ``likelihoods`` (noisy in training: the rate to minimise),
         ``likelihoods_quantized`` (of the rounded latents, for the rate-target switch) and
@@ -464,7 +472,7 @@ class HiFiC(CompressionModel):
 
 
 class HiFiCDiscriminator(nn.Module):
-    """Conditional PatchGAN D(x, ŷ) (HiFiC Fig. 3, authors' release).
+    """HiFiC's conditional PatchGAN D(x, ŷ), as in the authors' release.
 
     ŷ -> conv3x3 to 12 channels + LeakyReLU(0.2) -> nearest upsample to the image size,
     concatenated with the image; conv4x4 stride 2 at 64, 128, 256, conv4x4 stride 1 at
@@ -740,6 +748,7 @@ def hific_intra_codec(
     config: HiFiCConfig | Mapping[str, Any] | str | None = None,
     allow_random_init: bool = False,
     seed: int = 0,
+    decode_threads: int = 1,
     device: str | torch.device = "cpu",
 ) -> HiFiCIntraCodec:
     """Factory registered as intra codec ``"hific"``.
@@ -749,7 +758,15 @@ def hific_intra_codec(
     in streams by :attr:`HiFiCIntraCodec.config`) rejects a different file. Without
     weights the call must say ``allow_random_init=True``: the model is then initialised
     from ``seed``, so encoder and decoder build the same untrained codec (smoke runs).
+    ``decode_threads``: CPU threads of the generator when decoding (see
+    :meth:`HiFiC.synthesize`); kept in :attr:`HiFiCIntraCodec.config` when not 1, so a
+    stream's decoder uses the encoder's setting and gets the same pixels.
     """
+    if not isinstance(decode_threads, int) or decode_threads < 1:
+        raise IntraCodecError(
+            f"hific: decode_threads must be an integer >= 1, got {decode_threads!r}"
+        )
+    extra = {"decode_threads": decode_threads} if decode_threads != 1 else {}
     try:
         wanted = _resolve_config(config) if config is not None else None
     except ValueError as exc:
@@ -771,7 +788,8 @@ def hific_intra_codec(
                 f"hific: config {wanted} does not match the checkpoint {path} "
                 f"({model.config}); drop the config or use matching weights"
             )
-        return HiFiCIntraCodec(model, {"weights": str(path), "weights_sha256": digest})
+        model.decode_threads = decode_threads
+        return HiFiCIntraCodec(model, {"weights": str(path), "weights_sha256": digest, **extra})
     if not allow_random_init:
         raise IntraCodecError(
             "the 'hific' intra codec needs trained weights: set "
@@ -785,7 +803,8 @@ def hific_intra_codec(
         model = HiFiC(resolved)
     # the CDF tables come from the CPU copy so every process derives the same ones
     model.update(force=True)
-    spec = {"config": resolved.to_dict(), "allow_random_init": True, "seed": int(seed)}
+    model.decode_threads = decode_threads
+    spec = {"config": resolved.to_dict(), "allow_random_init": True, "seed": int(seed), **extra}
     return HiFiCIntraCodec(model.to(device), spec)
 
 

@@ -1,11 +1,12 @@
-"""HiFiC training losses (Mentzer et al., NeurIPS 2020, eqs. 4-5 and Appendix A.6).
+"""HiFiC training losses (Mentzer et al., "High-Fidelity Generative Image Compression",
+NeurIPS 2020).
 
-Generator/encoder (eq. 5)::
+Encoder/generator objective L_EG::
 
     L_EG = λ' r(y) + k_M MSE(x, x̂) + k_P LPIPS(x, x̂) − β log D(x̂, ŷ)
     λ'   = λ_a if r(y) > r_t else λ_b                        (λ_a > λ_b)
 
-Discriminator (eq. 4, non-saturating): ``L_D = −log(1 − D(x̂, ŷ)) − log D(x, ŷ)``.
+Discriminator objective L_D (non-saturating): ``L_D = −log(1 − D(x̂, ŷ)) − log D(x, ŷ)``.
 
 Units follow the authors' release (``models/hific/model.py``): r in bits per pixel,
 MSE on the [0, 255] scale, LPIPS on images mapped to [-1, 1] by the caller's LPIPS.
@@ -52,7 +53,7 @@ _COMMON: dict[str, float | int] = {
     "warmup_target_factor": 0.20 / 0.14,
 }
 
-# HiFiC Appendix A.6 (and the authors' release): r_t 0.14 / 0.30 / 0.45 bpp with
+# The paper's hyper-parameters (and the authors' release): r_t 0.14 / 0.30 / 0.45 bpp with
 # λ_a = 2^1 / 2^0 / 2^-1 and λ_b = 2^-4; k_M = 0.075·2^-5, k_P = 1, β = 0.15.
 # They reached 0.129 / 0.250 / 0.374 bpp on CLIC2020 (the rate settles below r_t).
 HIFIC_OPERATING_POINTS: dict[str, dict[str, float | int]] = {
@@ -123,7 +124,7 @@ class HiFiCLossWeights:
         return self.target_bpp * (self.warmup_target_factor if self._warming_up(step) else 1.0)
 
     def rate_weight(self, bpp_quantized: float, step: int | None = None) -> float:
-        """λ' of eq. 5: λ_a above the target rate, λ_b below (scaled during warm-up)."""
+        """λ' of L_EG: λ_a above the target rate, λ_b below (scaled during warm-up)."""
         weight = self.lambda_a if bpp_quantized > self.target_at(step) else self.lambda_b
         return weight * (self.warmup_rate_factor if self._warming_up(step) else 1.0)
 
@@ -143,7 +144,7 @@ def generator_adversarial_loss(fake_logits: Tensor) -> Tensor:
 
 
 def discriminator_loss(real_logits: Tensor, fake_logits: Tensor) -> dict[str, Tensor]:
-    """Non-saturating D loss (eq. 4): ``−log D(x) − log(1 − D(x̂))``, means over patches.
+    """Non-saturating D loss L_D: ``−log D(x) − log(1 − D(x̂))``, means over patches.
 
     Returns ``loss``, its two halves ``real`` and ``fake``, and the mean probabilities
     ``d_real``/``d_fake`` D assigns (for logging).
@@ -168,7 +169,7 @@ def hific_generator_loss(
     fake_logits: Tensor | None = None,
     step: int | None = None,
 ) -> dict[str, Tensor]:
-    """Encoder/generator loss of eq. 5 on a :meth:`plvc.hific.HiFiC.forward` output.
+    """Encoder/generator loss L_EG on a :meth:`plvc.hific.HiFiC.forward` output.
 
     ``lpips_fn`` is required when ``weights.k_p > 0`` (this module loads no weights).
     Without ``fake_logits`` the GAN term is left out: that is HiFiC's first stage, the

