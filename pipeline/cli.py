@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+
+from pipeline.atomic import write_json_atomic
 
 __all__ = ["run_stage", "stage_parser", "write_json_atomic"]
 
@@ -48,16 +46,3 @@ def run_stage(main: Callable[[list[str] | None], None], argv: list[str] | None =
         print("interrupted: outputs written so far are kept; re-run to resume", file=sys.stderr)
         sys.exit(130)
 
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to ``path`` through a temp file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True, default=str)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -72,6 +72,7 @@ import requests
 import urllib3
 from tqdm import tqdm
 
+from pipeline.atomic import write_json_atomic
 from pipeline.config import DownloadConfig
 
 __all__ = [
@@ -826,19 +827,6 @@ def prepare_raw(
         "sample": sample,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    _write_json_atomic(out_dir / MANIFEST_NAME, manifest)
+    write_json_atomic(out_dir / MANIFEST_NAME, manifest)
     return manifest
 
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
