@@ -143,6 +143,12 @@ class PLVCConfig:
         return cls(**values)
 
 
+_TABLE_BUFFERS: dict[type, tuple[str, ...]] = {
+    EntropyBottleneck: ("_quantized_cdf", "_offset", "_cdf_length"),
+    GaussianConditional: ("_quantized_cdf", "_offset", "_cdf_length", "scale_table"),
+}
+
+
 def _detach(state: LSTMState | None) -> LSTMState | None:
     return None if state is None else (state[0].detach(), state[1].detach())
 
@@ -477,7 +483,6 @@ class PLVC(CompressionModel):
                 "load a state dict saved after update()"
             )
 
-    @torch.no_grad()
     def compress_pframe(
         self, x: Tensor, x_ref_hat: Tensor, state: GeneratorState | None
     ) -> tuple[list[bytes], tuple[int, int], Tensor, GeneratorState]:
@@ -486,8 +491,15 @@ class PLVC(CompressionModel):
         Returns ``([motion_string, residual_string], (h, w) latent size, x_hat, state)``.
         ``x_hat`` and the decoder-side parts of ``state`` are computed from the decoded
         latents exactly as :meth:`decompress_pframe` computes them, so the decoder
-        reproduces ``x_hat`` bit for bit (same device type and PyTorch build).
+        reproduces ``x_hat`` bit for bit (same device type and PyTorch build). Autocast
+        is switched off so encoder and decoder run at the same precision.
         """
+        with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
+            return self._compress_pframe(x, x_ref_hat, state)
+
+    def _compress_pframe(
+        self, x: Tensor, x_ref_hat: Tensor, state: GeneratorState | None
+    ) -> tuple[list[bytes], tuple[int, int], Tensor, GeneratorState]:
         self._check_frames(x, x_ref_hat)
         self._check_coding(x)
         self._check_state(state, self._latent_shape(x))
@@ -533,7 +545,6 @@ class PLVC(CompressionModel):
         latent_size = (int(y_motion.shape[-2]), int(y_motion.shape[-1]))
         return [motion_string, residual_string], latent_size, x_hat, new_state
 
-    @torch.no_grad()
     def decompress_pframe(
         self,
         strings: list[bytes],
@@ -546,6 +557,18 @@ class PLVC(CompressionModel):
         ``state`` is this decoder's previous state (``None`` after an I-frame); the
         returned state has no encoder-side ConvLSTM states.
         """
+        if not isinstance(x_ref_hat, Tensor):
+            raise PLVCError(f"reference frame must be a tensor, got {type(x_ref_hat).__name__}")
+        with torch.no_grad(), torch.autocast(device_type=x_ref_hat.device.type, enabled=False):
+            return self._decompress_pframe(strings, shape, x_ref_hat, state)
+
+    def _decompress_pframe(
+        self,
+        strings: list[bytes],
+        shape: tuple[int, int],
+        x_ref_hat: Tensor,
+        state: GeneratorState | None,
+    ) -> tuple[Tensor, GeneratorState]:
         if not isinstance(strings, list | tuple) or len(strings) != 2:
             raise BitstreamError("a P-frame needs exactly two strings (motion, residual)")
         if not all(isinstance(s, bytes | bytearray) for s in strings):
@@ -628,6 +651,24 @@ class PLVC(CompressionModel):
                 finally:
                     module.to(device)
         return updated
+
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> Any:
+        """Load weights *and* CDF tables, resizing the tables to the saved ones.
+
+        CompressAI resizes them only when empty, so loading into a model that already
+        ran ``update()`` (with another table size) would fail; here they always follow
+        the state dict, since encoder and decoder must use the very same tables.
+        """
+        for name, module in self.named_modules():
+            if not isinstance(module, EntropyBottleneck | GaussianConditional):
+                continue
+            for buffer_name in _TABLE_BUFFERS[type(module)]:
+                key = f"{name}.{buffer_name}"
+                if key in state_dict:
+                    getattr(module, buffer_name).resize_(state_dict[key].shape)
+        return nn.Module.load_state_dict(self, state_dict, strict=strict, assign=assign)
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """``{"main": [...], "aux": [...]}``: the aux group is the bottlenecks' ``quantiles``,

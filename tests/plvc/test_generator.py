@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from compressai.models.base import get_scale_table
 
 from plvc.errors import BitstreamError, PLVCError
 from plvc.generator import PLVC, GeneratorState, PLVCConfig, bits_from_likelihoods
@@ -268,3 +269,29 @@ def test_state_dict_carries_the_entropy_tables(tiny_model: PLVC) -> None:
     assert fresh.motion_entropy.is_updated() and fresh.residual_entropy.is_updated()
     for name, buffer in tiny_model.named_buffers():
         assert torch.equal(dict(fresh.named_buffers())[name], buffer), name
+    # a model that already built other tables takes the saved ones
+    other = PLVC(tiny_model.config)
+    other.update(scale_table=get_scale_table(0.2, 64, 16))
+    other.load_state_dict(tiny_model.state_dict())
+    assert torch.equal(other.residual_entropy.gaussian.scale_table, get_scale_table())
+
+
+def test_bf16_autocast_training_and_precision_independent_coding(
+    tiny_model: PLVC, carphone: torch.Tensor
+) -> None:
+    clip = _clip(carphone, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = tiny_model(clip, clip[:, 0])
+        loss = out["x_hat"].float().sub(clip[:, 1:]).square().mean() + sum(
+            bits_from_likelihoods(lik) for lik in out["likelihoods"]
+        )
+    assert out["likelihoods"][0]["motion"].dtype == torch.float32  # rates stay in float32
+    assert torch.isfinite(loss)
+    loss.backward()
+    tiny_model.eval()
+    tiny_model.update()
+    plain = tiny_model.compress_pframe(clip[:, 1], clip[:, 0], None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = tiny_model.compress_pframe(clip[:, 1], clip[:, 0], None)
+    assert plain[0] == under_autocast[0]
+    assert torch.equal(plain[2], under_autocast[2])
