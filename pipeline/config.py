@@ -22,17 +22,28 @@ from pydantic import (
 
 __all__ = [
     "VIMEO_FRAME_SIZE",
+    "BaselineSpec",
     "ConfigError",
     "DataConfig",
     "DownloadConfig",
+    "EvaluateConfig",
+    "GanConfig",
+    "HiFiCPointConfig",
+    "HiFiCTrainConfig",
+    "IFramesConfig",
+    "MultiPConfig",
     "Params",
     "PathsConfig",
+    "PhaseSchedule",
     "QualityConfig",
     "RayConfig",
     "RunnerConfig",
     "SampleConfig",
     "ShardConfig",
+    "SinglePConfig",
     "TrackingConfig",
+    "TrainConfig",
+    "YUVSequence",
     "flatten",
     "load_params",
 ]
@@ -179,6 +190,180 @@ class RunnerConfig(_Strict):
     cpu_backend: Literal["gloo"] = "gloo"
 
 
+Quality = Literal["low", "medium", "high"]
+
+
+class HiFiCPointConfig(_Strict):
+    """One HiFiC operating point (Mentzer et al. 2020): rate target and loss weights."""
+
+    target_bpp: PosFloat
+    lambda_a: PosFloat = Field(description="rate weight above the target")
+    lambda_b: PosFloat = Field(description="rate weight below the target")
+    k_m: Annotated[float, Field(ge=0)] = 0.075 * 2**-5
+    #: LPIPS weight; needs ``hific.lpips_backbone`` when > 0
+    k_p: Annotated[float, Field(ge=0)] = 1.0
+    beta: Annotated[float, Field(ge=0)] = 0.15
+
+    @model_validator(mode="after")
+    def _lambda_b_below_a(self) -> HiFiCPointConfig:
+        if self.lambda_b > self.lambda_a:
+            raise ValueError(
+                f"lambda_b ({self.lambda_b}) must not exceed lambda_a ({self.lambda_a})"
+            )
+        return self
+
+
+class HiFiCTrainConfig(_Strict):
+    """``train_hific@q``: the I-frame codec, warm-up (R-D + LPIPS) then adversarial."""
+
+    preset: Literal["tiny", "small", "paper"] = "paper"
+    #: a user's own HiFiC checkpoints (plvc.hific format) per quality: no training for those
+    pretrained: dict[Quality, Path] = Field(default_factory=dict)
+    warmup_steps: PosInt = 1_000_000
+    gan_steps: NonNegInt = 1_000_000
+    lr: PosFloat = 1e-4
+    lr_d: PosFloat = 1e-4
+    aux_lr: PosFloat = 1e-3
+    batch_size: PosInt = 8
+    crop: PosInt = 256
+    #: AlexNet weights for LPIPS (lpips package backbone); needed when any k_p > 0
+    lpips_backbone: Path | None = None
+    operating_points: dict[Quality, HiFiCPointConfig] = Field(
+        default_factory=lambda: {
+            "low": HiFiCPointConfig(target_bpp=0.14, lambda_a=2.0, lambda_b=2**-4),
+            "medium": HiFiCPointConfig(target_bpp=0.30, lambda_a=1.0, lambda_b=2**-4),
+            "high": HiFiCPointConfig(target_bpp=0.45, lambda_a=0.5, lambda_b=2**-4),
+        }
+    )
+
+
+class IFramesConfig(_Strict):
+    """``iframes@q``: frame 1 of every clip coded with that quality's HiFiC."""
+
+    batch_size: PosInt = 16
+    #: Ray Data actors coding in parallel (one GPU each when use_gpu)
+    num_actors: PosInt = 2
+    use_gpu: bool = False
+
+
+class PhaseSchedule(_Strict):
+    """Optimisation schedule of one training phase."""
+
+    steps: PosInt
+    lr: PosFloat
+    aux_lr: PosFloat = 1e-3
+    batch_size: PosInt = 4
+    #: square training crop (all frames of a clip share the window)
+    crop: PosInt = 256
+    #: steps at which the learning rate is multiplied by lr_gamma
+    lr_milestones: list[PosInt] = Field(default_factory=list)
+    lr_gamma: Annotated[float, Field(gt=0, le=1)] = 0.1
+
+
+class SinglePConfig(PhaseSchedule):
+    """Eq. 4: the first P-frame. The official code's warm-up steps come first."""
+
+    #: steps training only the flow network and motion auto-encoder (official code)
+    flow_steps: NonNegInt = 0
+    #: then steps adding motion compensation, before the whole model
+    mc_steps: NonNegInt = 0
+
+
+class MultiPConfig(PhaseSchedule):
+    """Eq. 5: consecutive P-frames with the recurrent states carried through the clip."""
+
+    #: P-frames per clip (paper: all 6; official code: 4)
+    num_pframes: Annotated[int, Field(ge=1, le=6)] = 6
+
+
+class GanConfig(PhaseSchedule):
+    """Eq. 6: alternating D and G steps with Table 1's weights."""
+
+    lr_d: PosFloat = 1e-5
+    num_pframes: Annotated[int, Field(ge=1, le=6)] = 6
+    #: False: the "w/o GAN" ablation (eq. 6 without its adversarial term, no D)
+    adversarial: bool = True
+    #: False: the "w/o h^D" ablation
+    d_hidden_state: bool = True
+    #: False (with d_hidden_state False): the "w/o h^D, w/o m_i" ablation
+    d_motion_condition: bool = True
+    #: "paper": eq. 6 as printed; "official": + LPIPS and the rate summed over the clip
+    loss: Literal["paper", "official"] = "paper"
+    #: AlexNet weights for the official loss's LPIPS term
+    lpips_backbone: Path | None = None
+
+
+class TrainConfig(_Strict):
+    """PLVC's three training phases (paper "Training strategies", Table 1)."""
+
+    model: Literal["tiny", "paper"] = "paper"
+    discriminator: Literal["tiny", "paper"] = "paper"
+    single_p: SinglePConfig = Field(
+        default_factory=lambda: SinglePConfig(steps=300_000, lr=1e-4)
+    )
+    multi_p: MultiPConfig = Field(
+        default_factory=lambda: MultiPConfig(
+            steps=200_000, lr=1e-4, lr_milestones=[100_000, 150_000]
+        )
+    )
+    gan: GanConfig = Field(default_factory=lambda: GanConfig(steps=100_000, lr=1e-5))
+
+
+class BaselineSpec(_Strict):
+    """An x264/x265 anchor through ffmpeg (low-delay P, the evaluation's GOP)."""
+
+    codec: Literal["x264", "x265"]
+    rate_control: Literal["crf", "qp", "bpp"] = "crf"
+    points: list[float] = Field(min_length=1)
+
+
+class YUVSequence(_Strict):
+    """A raw YUV 4:2:0 8-bit test sequence (UVG, HEVC classes B/C/D)."""
+
+    name: str = Field(min_length=1)
+    path: Path
+    width: PosInt
+    height: PosInt
+    frames: PosInt
+    fps: PosFloat = 30.0
+
+
+class EvaluateConfig(_Strict):
+    """``evaluate@q``: real bitstreams, perceptual and fidelity metrics, baselines."""
+
+    #: frames per GOP (I-frame + P-frames); -1: one I-frame per sequence
+    gop: int = 9
+    #: held-out Vimeo clips to code (None: all)
+    max_clips: PosInt | None = None
+    sequences: list[YUVSequence] = Field(default_factory=list)
+    metrics: list[
+        Literal["psnr_rgb", "psnr_y", "ms_ssim", "lpips", "tdiff_mae", "tlp", "fid", "kid"]
+    ] = Field(
+        default_factory=lambda: [
+            "psnr_rgb", "psnr_y", "ms_ssim", "lpips", "tdiff_mae", "tlp", "fid", "kid"
+        ],
+        min_length=1,
+    )
+    lpips_backbone: Path | None = None
+    inception_weights: Path | None = None
+    #: test-only: random backbones, every output marked ``_random_init``
+    allow_random_backbone: bool = False
+    ffmpeg: Path | None = None
+    baselines: list[BaselineSpec] = Field(
+        default_factory=lambda: [
+            BaselineSpec(codec="x264", points=[23, 28, 33, 38]),
+            BaselineSpec(codec="x265", points=[25, 30, 35, 40]),
+        ]
+    )
+
+    @field_validator("gop")
+    @classmethod
+    def _gop(cls, v: int) -> int:
+        if v != -1 and v < 1:
+            raise ValueError(f"must be -1 (one I-frame) or >= 1, got {v}")
+        return v
+
+
 class QualityConfig(_Strict):
     """One row of the paper's Table 1."""
 
@@ -222,6 +407,10 @@ class Params(_Strict):
     shard: ShardConfig = Field(default_factory=ShardConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
+    hific: HiFiCTrainConfig = Field(default_factory=HiFiCTrainConfig)
+    iframes: IFramesConfig = Field(default_factory=IFramesConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     qualities: dict[Literal["low", "medium", "high"], QualityConfig] = Field(
         default_factory=_table1
     )
@@ -235,6 +424,15 @@ class Params(_Strict):
     @model_validator(mode="after")
     def _crop_fits_frames(self) -> Params:
         h, w = self.frame_size()
+        crops = {
+            "hific.crop": self.hific.crop,
+            "train.single_p.crop": self.train.single_p.crop,
+            "train.multi_p.crop": self.train.multi_p.crop,
+            "train.gan.crop": self.train.gan.crop,
+        }
+        for key, crop in crops.items():
+            if crop > min(h, w):
+                raise ValueError(f"{key} = {crop} is larger than the frames ({h}x{w})")
         if self.data.crop_height > h:
             raise ValueError(
                 f"data.crop_height = {self.data.crop_height} is larger than the frames ({h})"

@@ -105,3 +105,27 @@ def test_flatten_gives_dotted_keys() -> None:
     flat = flatten(Params())
     assert flat["shard.row_group_rows"] == 200
     assert flat["qualities.low.lmbda"] == 256
+
+
+def test_phase_crop_larger_than_frames_rejected(tmp_path: Path) -> None:
+    data = _base()
+    data["train"]["gan"]["crop"] = 300
+    with pytest.raises(ConfigError, match=r"train\.gan\.crop = 300 is larger than the frames"):
+        load_params(_write(tmp_path, data))
+
+
+def test_evaluate_gop_and_metric_names_checked(tmp_path: Path) -> None:
+    data = _base()
+    data["evaluate"]["gop"] = 0
+    data["evaluate"]["metrics"] = ["psnr", "lpips"]
+    with pytest.raises(ConfigError) as info:
+        load_params(_write(tmp_path, data))
+    assert "evaluate.gop = 0" in str(info.value)
+    assert "evaluate.metrics.0 = 'psnr'" in str(info.value)
+
+
+def test_full_setting_uses_paper_sizes() -> None:
+    full = load_params(REPO / "params-full.yaml")
+    assert full.train.model == "paper" and full.hific.preset == "paper"
+    assert full.train.multi_p.num_pframes == 6 and full.evaluate.gop == 9
+    assert full.runner.use_gpu
