@@ -197,6 +197,26 @@ class TrainingPhase(ABC):
     ``{"loss": <scalar to minimise>, <other scalar terms to log, e.g. "bpp", "mse">}``.
     Everything runs under bf16 autocast on GPU; keep rate terms in float32 inside the model
     if they need it.
+
+    A minimal phase (a dataclass: its fields are the settings compared on resume)::
+
+        @dataclasses.dataclass
+        class SinglePPhase(TrainingPhase):
+            name: ClassVar[str] = "single_p"      # ClassVar: not a dataclass field
+            lmbda: float = 256.0
+            batch_size: int = 4
+
+            def build_models(self):
+                return PhaseModels(PFrameCodec())
+            def build_optimizers(self, models):
+                net, aux = compressai_optimizers(models.generator, lr=1e-4)
+                return PhaseOptimizers(net, aux)
+            def forward(self, models, batch, step):
+                return models.generator(batch[:, 1], batch[:, 0])
+            def generator_loss(self, models, batch, out, step):
+                mse = F.mse_loss(out["x_hat"], batch[:, 1])
+                bpp = rate(out["likelihoods"], batch[:, 1])
+                return {"loss": bpp + self.lmbda * mse, "mse": mse, "bpp": bpp}
     """
 
     #: phase name stored in checkpoints (resuming another phase's run is refused)
