@@ -28,11 +28,21 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors caused by input or environment: reported in one line, no traceback."""
     from pipeline.config import ConfigError
     from pipeline.download import DownloadError
+    from pipeline.metrics import EvaluationError
+    from pipeline.runner import RunnerError
     from pipeline.shards import ShardError
     from pipeline.tracking import TrackingUnavailableError
     from plvc.errors import PLVCError
 
-    return (ConfigError, TrackingUnavailableError, DownloadError, ShardError, PLVCError)
+    return (
+        ConfigError,
+        TrackingUnavailableError,
+        DownloadError,
+        ShardError,
+        RunnerError,
+        EvaluationError,
+        PLVCError,
+    )
 
 
 def run_stage(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> None:
