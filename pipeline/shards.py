@@ -24,7 +24,7 @@ Row schema (:data:`SEPTUPLET_SCHEMA`, schema metadata ``plvc.format`` = ``"plvc-
     The bytes of ``im1.png`` ... ``im7.png`` exactly as on disk, in temporal order: never
     re-encoded, so a reader decodes exactly the pixels of the raw dataset. Every frame was
     checked at shard time: a PNG that OpenCV decodes to 8-bit, 3 channels, all seven frames
-    the same size.
+    the same size (or, with ``verify="structure"``, its chunks' CRCs and header agree).
 
 Shards are planned as contiguous chunks of ``rows_per_shard`` listed clips of the sorted,
 de-duplicated clip list; a shard holds fewer rows when some of its clips were skipped. Each
@@ -41,7 +41,7 @@ keeps a shard whose plan is unchanged and rewrites only missing or stale ones.
     The raw folder, as given.
 ``params``
     ``rows_per_shard``, ``row_group_rows``, ``max_skipped_fraction``, ``expected_size``
-    (``[height, width]`` or null).
+    (``[height, width]`` or null), ``verify`` (``"decode"`` or ``"structure"``).
 ``ok``, ``errors``
     Whether the stage succeeded, and why not (one message per failing split).
 ``splits.<train|test>``
@@ -68,12 +68,14 @@ import multiprocessing as mp
 import os
 import re
 import threading
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import cv2
 import numpy as np
@@ -138,6 +140,7 @@ class _ShardTask:
     rows_per_shard: int
     row_group_rows: int
     expected_size: tuple[int, int] | None
+    verify: str
 
     @property
     def rel_path(self) -> str:
@@ -154,6 +157,7 @@ def shard_septuplets(
     workers: int = 0,
     progress: bool = True,
     expected_size: tuple[int, int] | None = None,
+    verify: Literal["decode", "structure"] = "decode",
 ) -> dict[str, Any]:
     """Check every listed septuplet of ``raw_root`` and write the good ones as Parquet shards.
 
@@ -167,6 +171,11 @@ def shard_septuplets(
         progress: show a tqdm progress bar (clips checked).
         expected_size: ``(height, width)`` every frame must have; None accepts any size
             shared by a clip's seven frames.
+        verify: how each frame is checked. ``"decode"``: OpenCV decodes it. ``"structure"``:
+            its PNG chunks are parsed and every chunk's CRC-32 checked (size, 8-bit, RGB
+            from the header), ~30x faster than a decode; it catches truncated, corrupted and
+            foreign files, but not a deflate stream that was wrong before its CRC was
+            computed (a broken encoder).
 
     Returns:
         The manifest (also written to ``out_dir/manifest.json``).
@@ -184,6 +193,8 @@ def shard_septuplets(
         raise ValueError(f"max_skipped_fraction must be in [0, 1], got {max_skipped_fraction}")
     if workers < 0:
         raise ValueError(f"workers must be >= 0, got {workers}")
+    if verify not in ("decode", "structure"):
+        raise ValueError(f"verify must be 'decode' or 'structure', got {verify!r}")
     if expected_size is not None:
         expected_size = (int(expected_size[0]), int(expected_size[1]))
 
@@ -214,6 +225,7 @@ def shard_septuplets(
                     rows_per_shard=rows_per_shard,
                     row_group_rows=row_group_rows,
                     expected_size=expected_size,
+                    verify=verify,
                 )
             )
 
@@ -223,7 +235,7 @@ def shard_septuplets(
     _remove_stale_files(out, {t.rel_path for t in tasks})
 
     n_workers = workers or _available_cores()
-    results = _run_tasks(tasks, n_workers, progress, total=sum(len(v) for v in listed.values()))
+    results = _run_tasks(tasks, n_workers, progress, total=sum(len(t.clip_ids) for t in tasks))
 
     manifest = _build_manifest(
         raw=raw,
@@ -235,6 +247,7 @@ def shard_septuplets(
             "row_group_rows": row_group_rows,
             "max_skipped_fraction": max_skipped_fraction,
             "expected_size": list(expected_size) if expected_size else None,
+            "verify": verify,
         },
         max_skipped_fraction=max_skipped_fraction,
     )
@@ -328,7 +341,9 @@ def _run_tasks(
 
 
 def _run_pool(tasks: list[_ShardTask], workers: int, bar: Any) -> list[dict[str, Any]]:
-    # spawn, not fork: the calling stage may hold threads (MLflow, tqdm) that fork would copy
+    # spawn, not fork: the caller may hold threads (MLflow, tqdm, Arrow's pools) whose locks a
+    # forked child would inherit mid-use. Each spawned worker imports the caller's main module:
+    # a CLI that calls this should import heavy packages (torch, mlflow) inside its main().
     ctx = mp.get_context("spawn")
     updates = ctx.Queue()
 
@@ -342,18 +357,25 @@ def _run_pool(tasks: list[_ShardTask], workers: int, bar: Any) -> list[dict[str,
         with ProcessPoolExecutor(
             max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(updates,)
         ) as pool:
-            futures: dict[Future[dict[str, Any]], _ShardTask] = {
-                pool.submit(_write_shard, task): task for task in tasks
-            }
+            futures: dict[Future[dict[str, Any]], _ShardTask] = {}
+            try:
+                for task in tasks:
+                    futures[pool.submit(_write_shard, task)] = task
+            except BrokenProcessPool as exc:
+                raise ShardError(f"a shard worker process died: {exc}") from exc
             done, _ = wait(futures, return_when=FIRST_EXCEPTION)
             for future in done:
-                if future.exception() is not None:
+                if (error := future.exception()) is not None:
                     for other in futures:
                         other.cancel()
-                    task = futures[future]
+                    hint = (
+                        " (out of memory? lower workers)"
+                        if isinstance(error, BrokenProcessPool)
+                        else ""
+                    )
                     raise ShardError(
-                        f"writing shard {task.rel_path} failed: {future.exception()}"
-                    ) from future.exception()
+                        f"writing shard {futures[future].rel_path} failed: {error}{hint}"
+                    ) from error
             return [f.result() for f in futures]
     finally:
         updates.put(None)
@@ -388,9 +410,18 @@ def _write_shard(task: _ShardTask, report: Callable[[int], Any] | None = None) -
     n_rows = png_bytes = row_groups = 0
     first_clip = last_clip = None
     pending = 0
+
+    def flush() -> None:
+        nonlocal writer, n_rows, png_bytes, row_groups
+        writer = _flush(rows, writer, tmp, task)
+        png_bytes += sum(len(b) for r in rows for b in r[3])
+        n_rows += len(rows)
+        row_groups += 1
+        rows.clear()
+
     try:
         for clip_id in task.clip_ids:
-            checked = _check_clip(raw / "sequences" / clip_id, task.expected_size)
+            checked = _check_clip(raw / "sequences" / clip_id, task.expected_size, task.verify)
             pending += 1
             if pending >= _PROGRESS_EVERY:
                 report(pending)
@@ -404,17 +435,9 @@ def _write_shard(task: _ShardTask, report: Callable[[int], Any] | None = None) -
             first_clip = first_clip or clip_id
             last_clip = clip_id
             if len(rows) == task.row_group_rows:
-                writer = _flush(rows, writer, tmp, task)
-                png_bytes += sum(len(b) for r in rows for b in r[3])
-                n_rows += len(rows)
-                row_groups += 1
-                rows.clear()
+                flush()
         if rows:
-            writer = _flush(rows, writer, tmp, task)
-            png_bytes += sum(len(b) for r in rows for b in r[3])
-            n_rows += len(rows)
-            row_groups += 1
-            rows.clear()
+            flush()
         report(pending)
 
         summary = {
@@ -490,6 +513,7 @@ def _plan_hash(task: _ShardTask, raw: Path) -> str:
         "rows_per_shard": task.rows_per_shard,
         "row_group_rows": task.row_group_rows,
         "expected_size": task.expected_size,
+        "verify": task.verify,
     }
     digest.update(json.dumps(header, sort_keys=True).encode())
     for clip_id in task.clip_ids:
@@ -519,9 +543,10 @@ def _read_kept(final: Path, plan: str) -> dict[str, Any] | None:
 
 
 def _check_clip(
-    clip_dir: Path, expected_size: tuple[int, int] | None
+    clip_dir: Path, expected_size: tuple[int, int] | None, verify: str = "decode"
 ) -> tuple[list[bytes], tuple[int, int]] | str:
     """The seven frames' file bytes and (height, width), or why the clip is unusable."""
+    inspect = _inspect_decoded if verify == "decode" else _inspect_structure
     frames: list[bytes] = []
     size: tuple[int, int] | None = None
     for k in range(1, FRAMES_PER_CLIP + 1):
@@ -534,33 +559,84 @@ def _check_clip(
             return f"cannot read {name}: {exc.strerror or exc}"
         if not data.startswith(_PNG_SIGNATURE):
             return f"{name} is not a PNG file ({len(data)} bytes)"
-        try:
-            image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-        except cv2.error:
-            image = None
-        if image is None:
-            return f"{name} is corrupt: OpenCV cannot decode it ({len(data)} bytes)"
-        if image.dtype != np.uint8:
-            return f"{name} has {image.dtype.itemsize * 8}-bit samples, expected 8-bit"
-        channels = 1 if image.ndim == 2 else image.shape[2]
+        info = inspect(data)
+        if isinstance(info, str):
+            return f"{name} is corrupt: {info} ({len(data)} bytes)"
+        height, width, channels, bits = info
+        if bits != 8:
+            return f"{name} has {bits}-bit samples, expected 8-bit"
         if channels != 3:
             return f"{name} has {channels} channel(s), expected 3 (RGB)"
-        frame_size = (int(image.shape[0]), int(image.shape[1]))
         if size is None:
-            size = frame_size
+            size = (height, width)
             if expected_size is not None and size != expected_size:
-                return (
-                    f"{name} is {size[1]}x{size[0]} (WxH), "
-                    f"expected {expected_size[1]}x{expected_size[0]}"
-                )
-        elif frame_size != size:
-            return (
-                f"{name} is {frame_size[1]}x{frame_size[0]} (WxH) "
-                f"but im1.png is {size[1]}x{size[0]}"
-            )
+                want_h, want_w = expected_size
+                return f"{name} is {width}x{height} (WxH), expected {want_w}x{want_h}"
+        elif (height, width) != size:
+            return f"{name} is {width}x{height} (WxH) but im1.png is {size[1]}x{size[0]}"
         frames.append(data)
     assert size is not None
     return frames, size
+
+
+def _inspect_decoded(data: bytes) -> tuple[int, int, int, int] | str:
+    """(height, width, channels, bits per sample) of the image OpenCV decodes."""
+    try:
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error:
+        image = None
+    if image is None:
+        return "OpenCV cannot decode it"
+    channels = 1 if image.ndim == 2 else image.shape[2]
+    return int(image.shape[0]), int(image.shape[1]), channels, image.dtype.itemsize * 8
+
+
+# channels libpng gives per PNG colour type (palette expands to RGB)
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}
+
+
+def _inspect_structure(data: bytes) -> tuple[int, int, int, int] | str:
+    """(height, width, channels, bits per sample) from the PNG's chunks, every CRC checked.
+
+    Catches what damages real files (truncation, flipped bytes, foreign data) at a fraction
+    of a decode's cost; unlike a decode it trusts a deflate stream whose CRC is right.
+    """
+    view = memoryview(data)
+    pos, end_of_data = len(_PNG_SIGNATURE), len(data)
+    header: tuple[int, int, int, int] | None = None
+    transparency = has_image = False
+    while True:
+        if pos + 12 > end_of_data:
+            return "truncated (no IEND chunk)"
+        length = int.from_bytes(view[pos : pos + 4], "big")
+        kind = bytes(view[pos + 4 : pos + 8])
+        end = pos + 12 + length
+        if end > end_of_data:
+            return f"truncated inside a {kind.decode('latin-1')!r} chunk"
+        if zlib.crc32(view[pos + 4 : end - 4]) != int.from_bytes(view[end - 4 : end], "big"):
+            return f"CRC mismatch in a {kind.decode('latin-1')!r} chunk"
+        if header is None:
+            if kind != b"IHDR" or length != 13:
+                return "first chunk is not IHDR"
+            width = int.from_bytes(view[pos + 8 : pos + 12], "big")
+            height = int.from_bytes(view[pos + 12 : pos + 16], "big")
+            bits, colour = view[pos + 16], view[pos + 17]
+            if colour not in _PNG_CHANNELS:
+                return f"unknown colour type {colour}"
+            header = (height, width, _PNG_CHANNELS[colour], 8 if colour == 3 else bits)
+        elif kind == b"tRNS":
+            transparency = True
+        elif kind == b"IDAT":
+            has_image = True
+        elif kind == b"IEND":
+            break
+        pos = end
+    if not has_image:
+        return "no IDAT chunk"
+    height, width, channels, bits = header
+    if transparency and channels in (1, 3):  # libpng adds an alpha channel
+        channels += 1
+    return height, width, channels, bits
 
 
 # --- manifest ----------------------------------------------------------------------------

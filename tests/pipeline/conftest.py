@@ -24,6 +24,8 @@ BAD_KINDS = (
     "grayscale",
     "unreadable",
     "not_png",
+    "rgba",
+    "sixteen_bit",
 )
 
 
@@ -114,6 +116,12 @@ def plant_bad_clip(root: Path, clip_id: str, kind: str) -> None:
         ok, jpeg = cv2.imencode(".jpg", image)
         assert ok
         frame.write_bytes(jpeg.tobytes())
+    elif kind == "rgba":
+        image = cv2.imread(str(frame))
+        assert cv2.imwrite(str(frame), cv2.cvtColor(image, cv2.COLOR_BGR2BGRA))
+    elif kind == "sixteen_bit":
+        image = cv2.imread(str(frame)).astype(np.uint16) * 257
+        assert cv2.imwrite(str(frame), image)
     else:
         raise ValueError(f"unknown bad-clip kind {kind!r}; one of {BAD_KINDS}")
 

@@ -84,8 +84,9 @@ def test_shard_files_follow_the_schema_and_row_group_size(septuplet_shards: Path
     assert leftovers == []
 
 
+@pytest.mark.parametrize("verify", ["decode", "structure"])
 def test_bad_clips_are_skipped_and_listed_with_their_reason(
-    raw_copy: Path, tmp_path: Path, plant_bad: Callable[[Path, str, str], None]
+    raw_copy: Path, tmp_path: Path, plant_bad: Callable[[Path, str, str], None], verify: str
 ) -> None:
     bad = dict(zip(TRAIN_IDS[: len(BAD_KINDS)], BAD_KINDS, strict=True))
     for clip_id, kind in bad.items():
@@ -94,7 +95,7 @@ def test_bad_clips_are_skipped_and_listed_with_their_reason(
     with (raw_copy / "sep_trainlist.txt").open("a") as f:
         f.write(f"{TRAIN_IDS[-1]}\n{TEST_IDS[0]}\n")
 
-    manifest = _shard(raw_copy, tmp_path / "out", max_skipped_fraction=0.5)
+    manifest = _shard(raw_copy, tmp_path / "out", max_skipped_fraction=0.5, verify=verify)
 
     train = manifest["splits"]["train"]
     reasons = {s["clip_id"]: s["reason"] for s in train["skipped_clips"]}
@@ -106,6 +107,8 @@ def test_bad_clips_are_skipped_and_listed_with_their_reason(
         "grayscale": "im4.png has 1 channel(s), expected 3",
         "unreadable": "cannot read im4.png",
         "not_png": "im4.png is not a PNG file",
+        "rgba": "im4.png has 4 channel(s), expected 3",
+        "sixteen_bit": "im4.png has 16-bit samples, expected 8-bit",
     }
     for clip_id, kind in bad.items():
         assert expected_fragments[kind] in reasons[clip_id], (kind, reasons[clip_id])
@@ -119,7 +122,7 @@ def test_bad_clips_are_skipped_and_listed_with_their_reason(
     assert train["listed"] == len(TRAIN_IDS) + 2
     assert train["skipped"] == len(BAD_KINDS) + 1
     assert train["clips"] == len(TRAIN_IDS) - len(BAD_KINDS) + 1  # + the test clip
-    assert train["skipped_fraction"] == pytest.approx(train["skipped"] / train["listed"])
+    assert train["skipped_fraction"] == pytest.approx(train["skipped"] / train["listed"], abs=1e-6)
     written = [r["clip_id"] for r in _rows(tmp_path / "out" / "train")]
     assert sorted(set(TRAIN_IDS) - set(bad) | {TEST_IDS[0]}) == written
     assert [r["clip_id"] for r in _rows(tmp_path / "out" / "test")] == TEST_IDS[1:]

@@ -1,0 +1,1 @@
+"""On-demand benchmarks: ``python -m benchmarks.<name>`` prints figures; nothing here is a test."""
