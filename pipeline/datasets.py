@@ -73,6 +73,11 @@ def clip_rng(seed: int, clip_id: str, epoch: int = 0) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, key])
 
 
+def _check_crop(crop: tuple[int, int] | None) -> None:
+    if crop is not None and (len(crop) != 2 or min(crop) < 1):
+        raise ValueError(f"crop must be (height, width) of positive sizes, got {crop!r}")
+
+
 @dataclass(frozen=True)
 class _Window:
     top: int
@@ -90,12 +95,11 @@ def _draw_window(
     flip: bool,
 ) -> _Window:
     """The crop window (and flip) for frames of ``height`` x ``width``; draws y, x, then flip."""
+    _check_crop(crop)
     if crop is None:
         crop_h, crop_w = height, width
     else:
         crop_h, crop_w = crop
-        if crop_h < 1 or crop_w < 1:
-            raise ValueError(f"crop size must be positive, got {crop_h}x{crop_w} (HxW)")
         if crop_h > height:
             raise ValueError(f"crop height {crop_h} is larger than the frame height {height}")
         if crop_w > width:
@@ -251,6 +255,10 @@ def read_septuplets_ray(
 ) -> ray.data.Dataset:
     """One split's shards as a Ray Dataset of {"clip_id": str, "frames": uint8 [T, h, w, 3]}.
 
+    ``read_parquet`` streams the shards; ``map_batches`` decodes each batch straight from its
+    Arrow buffers (``batch_format="pyarrow"``, no Python copy of the PNG bytes) and returns
+    numpy columns. Training code turns a batch into model input with :func:`frames_to_tensor`.
+
     Args:
         shard_dir: a split folder (``data/shards/train``), a shard file, or a list of them;
             local paths or URIs Ray's readers take (``s3://``, ``gs://``, ...).
@@ -267,8 +275,7 @@ def read_septuplets_ray(
     import ray.data
 
     _check_num_frames(num_frames)
-    if crop is not None:
-        _draw_window(crop[0], crop[1], crop, None, False)  # rejects non-positive sizes now
+    _check_crop(crop)
     if isinstance(shard_dir, str | os.PathLike):
         paths: str | list[str] = _absolute(os.fspath(shard_dir))
         if not _is_uri(paths):
@@ -366,6 +373,7 @@ class SeptupletShards(Dataset):
         epoch: int = 0,
     ) -> None:
         _check_num_frames(num_frames)
+        _check_crop(crop)
         self.crop = tuple(crop) if crop is not None else None
         self.random_flip = random_flip
         self.seed = seed

@@ -138,7 +138,7 @@ def test_septuplet_shards_in_dataloader_workers(septuplet_shards: Path) -> None:
     torch.testing.assert_close(batches[1]["frames"][0], ds[4]["frames"])
 
 
-def test_septuplet_shards_refuses_the_shard_root_and_empty_folders(
+def test_septuplet_shards_refuses_bad_arguments_clearly(
     septuplet_shards: Path, tmp_path: Path
 ) -> None:
     with pytest.raises(ValueError, match="pass one of them"):
@@ -147,6 +147,13 @@ def test_septuplet_shards_refuses_the_shard_root_and_empty_folders(
         SeptupletShards(tmp_path)
     with pytest.raises(ValueError, match=r"num_frames must be in 1\.\.7"):
         SeptupletShards(septuplet_shards / "test", num_frames=8)
+    too_tall = SeptupletShards(septuplet_shards / "test", crop=(FRAME_H + 1, 32))
+    with pytest.raises(
+        ValueError, match=f"clip {TEST_IDS[0]}: crop height {FRAME_H + 1} is larger"
+    ):
+        too_tall[0]
+    with pytest.raises(ValueError, match="positive sizes"):
+        SeptupletShards(septuplet_shards / "test", crop=(0, 32))
 
 
 def test_frames_to_tensor_layout_and_range() -> None:
