@@ -6,15 +6,18 @@ schema and the manifest's fields are documented in :mod:`pipeline.shards`.
 
 from __future__ import annotations
 
-import mlflow
-
-from pipeline.cli import run_stage, stage_parser, write_json_atomic
-from pipeline.config import load_params
-from pipeline.shards import shard_septuplets
-from pipeline.tracking import log_json_artifact, stage_run
+from pipeline.cli import run_stage, stage_parser
 
 
 def main(argv: list[str] | None = None) -> None:
+    # heavy imports live here: the shard workers re-import this module when they spawn
+    import mlflow
+
+    from pipeline.cli import write_json_atomic
+    from pipeline.config import load_params
+    from pipeline.shards import shard_septuplets
+    from pipeline.tracking import log_json_artifact, stage_run
+
     args = stage_parser(__doc__.splitlines()[0]).parse_args(argv)
     params = load_params(args.params)
     cfg = params.shard
@@ -26,6 +29,8 @@ def main(argv: list[str] | None = None) -> None:
             row_group_rows=cfg.row_group_rows,
             max_skipped_fraction=cfg.max_skipped_fraction,
             workers=cfg.workers,
+            expected_size=params.frame_size(),
+            verify=cfg.verify,
         )
         metrics = {
             f"{split}_{key}": value
