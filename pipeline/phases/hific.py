@@ -8,11 +8,14 @@ NeurIPS 2020, section 4 "Training"), as :class:`~pipeline.runner.TrainingPhase` 
   the conditional discriminator D(x, ŷ) on real and fake images in one batch (non-saturating
   ``−log D(x) − log(1 − D(x̂))``), then one generator step with D frozen.
 
-Data: random crops of the septuplet shards (:func:`pipeline.datasets.read_septuplets_ray`,
-all seven frames decoded). Every frame is a usable training image; each step draws
-``frames_per_clip`` distinct frames of each clip (from the worker's checkpointed torch RNG),
-so ``batch_size`` clips give ``batch_size * frames_per_clip`` independent images and every
-frame is seen over the epochs. With ``frames_per_clip = 7`` the batch is all frames.
+Data: whole septuplets from the shards (:func:`pipeline.datasets.read_septuplets_ray` with
+``crop=None``). Every frame is a usable training image: each step draws ``frames_per_clip``
+distinct frames of each clip and cuts an independent random ``crop`` x ``crop`` window (and
+flip) from each, so ``batch_size`` clips give ``batch_size * frames_per_clip`` independent
+images. The draws use the worker's torch RNG, which checkpoints restore, so a resumed run
+continues exactly; and they are fresh every step, where crops fixed per clip by the reader
+(its ``epoch`` argument) would repeat the same windows in every epoch. With
+``frames_per_clip = 7`` the batch holds all frames of each clip.
 
 The loss's own warm-up schedule (the release's first 50k steps: raised rate target, halved
 rate weight; :class:`~plvc.hific_losses.HiFiCLossWeights`) counts the steps of both phases
@@ -163,6 +166,10 @@ class HiFiCWarmupPhase(TrainingPhase):
     batch_size: int = 8
     #: distinct frames drawn from each clip per step (1..7)
     frames_per_clip: int = 1
+    #: side of the square random crop cut from each drawn frame
+    crop: int = 256
+    #: mirror each cropped image horizontally with probability 1/2
+    random_flip: bool = True
     #: steps before this phase, for the loss's warm-up schedule
     step_offset: int = 0
     lpips_backbone: str | None = None
@@ -174,6 +181,10 @@ class HiFiCWarmupPhase(TrainingPhase):
             raise ValueError(f"frames_per_clip must be in 1..7, got {self.frames_per_clip}")
         if self.step_offset < 0:
             raise ValueError(f"step_offset must be >= 0, got {self.step_offset}")
+        if self.crop % self.model.stride:
+            raise ValueError(
+                f"crop {self.crop} must be a multiple of the HiFiC stride {self.model.stride}"
+            )
         self._lpips_trunk: dict[str, Tensor] | None = None
         self._lpips: nn.Module | None = None
 
@@ -211,23 +222,36 @@ class HiFiCWarmupPhase(TrainingPhase):
     # -- one iteration --------------------------------------------------------------------
 
     def prepare_batch(self, rows: Mapping[str, np.ndarray], device: torch.device) -> Tensor:
-        """``frames`` uint8 [B, T, h, w, 3] -> ``frames_per_clip`` random frames per clip
-        as float images [B * frames_per_clip, 3, h, w] in [0, 1] on ``device``."""
+        """``frames`` uint8 [B, T, H, W, 3] (or B arrays [T, H, W, 3] of several sizes) ->
+        ``frames_per_clip`` random frames per clip, each randomly cropped (and flipped), as
+        float images [B * frames_per_clip, 3, crop, crop] in [0, 1] on ``device``."""
         frames = rows.get("frames")
-        if frames is None or frames.ndim != 5:
+        if frames is None or not (frames.ndim == 5 or frames.dtype == object):
             shape = None if frames is None else frames.shape
             raise DataError(f"phase {self.name!r}: expected 'frames' [B, T, H, W, 3], got {shape}")
-        clips, steps = frames.shape[:2]
-        k = min(self.frames_per_clip, steps)
-        if k < steps:
+        images = []
+        for clip in frames:
+            if clip.ndim != 4 or clip.shape[-1] != 3 or clip.dtype != np.uint8:
+                raise DataError(
+                    f"phase {self.name!r}: a clip must be uint8 [T, H, W, 3], got "
+                    f"{clip.dtype} {clip.shape}"
+                )
+            steps, height, width = clip.shape[:3]
+            if height < self.crop or width < self.crop:
+                raise DataError(
+                    f"phase {self.name!r}: frames of {width}x{height} are smaller than the "
+                    f"{self.crop}x{self.crop} crop (hific.crop)"
+                )
             # the worker's torch RNG: seeded per rank and restored on resume
-            chosen = torch.rand(clips, steps).argsort(dim=1)[:, :k].numpy()
-            frames = frames[np.arange(clips)[:, None], chosen]
-        images = frames.reshape(clips * k, *frames.shape[2:])
-        try:
-            return frames_to_tensor(images, device, non_blocking=True)
-        except ValueError as exc:
-            raise DataError(f"phase {self.name!r}: batch column 'frames': {exc}") from exc
+            chosen = torch.rand(steps).argsort()[: self.frames_per_clip].tolist()
+            for t in chosen:
+                top = int(torch.randint(0, height - self.crop + 1, ()))
+                left = int(torch.randint(0, width - self.crop + 1, ()))
+                image = clip[t, top : top + self.crop, left : left + self.crop]
+                if self.random_flip and bool(torch.rand(()) < 0.5):
+                    image = image[:, ::-1]
+                images.append(image)
+        return frames_to_tensor(np.stack(images), device, non_blocking=True)
 
     def forward(self, models: PhaseModels, batch: Tensor, step: int) -> dict[str, Any]:
         return {"x": batch, **models.generator(batch)}
@@ -361,6 +385,8 @@ def hific_phases(params: Params, quality: str) -> tuple[HiFiCWarmupPhase, HiFiCG
         "lr": cfg.lr,
         "aux_lr": cfg.aux_lr,
         "batch_size": cfg.batch_size,
+        "crop": cfg.crop,
+        "random_flip": params.data.random_flip,
         "lpips_backbone": str(cfg.lpips_backbone) if cfg.lpips_backbone else None,
         "sample_count": max(1, min(params.tracking.max_logged_images, cfg.batch_size)),
     }

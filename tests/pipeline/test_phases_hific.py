@@ -14,13 +14,14 @@ import torchvision
 
 from pipeline.config import ConfigError, Params
 from pipeline.phases.hific import HiFiCGANPhase, HiFiCWarmupPhase, hific_phases
-from pipeline.runner import PhaseStepper, RunnerError
+from pipeline.runner import DataError, PhaseStepper, RunnerError
 from plvc.hific import HiFiCConfig, load_hific
 from plvc.hific_losses import HiFiCLossWeights
 from plvc.intra import get_intra_codec
 
 TINY = HiFiCConfig.tiny()
 LOSS = HiFiCLossWeights(target_bpp=0.3, lambda_a=1.0, lambda_b=2**-4, k_p=0.0)
+WHOLE = {"crop": 64, "random_flip": False}  # the 64x64 test frames, unchanged
 
 
 def _rows(clips: int = 2, size: int = 64, seed: int = 0) -> dict[str, np.ndarray]:
@@ -46,9 +47,9 @@ def _stepper(phase: HiFiCWarmupPhase) -> PhaseStepper:
 def test_batches_are_distinct_random_frames_of_each_clip() -> None:
     rows = _rows(clips=3)
     cpu = torch.device("cpu")
-    for k in (1, 3):
+    for k in (1, 3, 7):  # 7: every frame of each clip
         torch.manual_seed(k)
-        x = HiFiCWarmupPhase(TINY, LOSS, frames_per_clip=k).prepare_batch(rows, cpu)
+        x = HiFiCWarmupPhase(TINY, LOSS, frames_per_clip=k, **WHOLE).prepare_batch(rows, cpu)
         assert x.shape == (3 * k, 3, 64, 64) and x.dtype == torch.float32
         images = (x * 255).round().byte().permute(0, 2, 3, 1).numpy()
         for c in range(3):
@@ -58,13 +59,9 @@ def test_batches_are_distinct_random_frames_of_each_clip() -> None:
                 assert len(matches) == 1  # a frame of its own clip, whole
                 picked.append(matches[0])
             assert len(set(picked)) == k
-    every = HiFiCWarmupPhase(TINY, LOSS, frames_per_clip=7).prepare_batch(rows, cpu)
-    assert torch.equal(
-        every, torch.from_numpy(rows["frames"]).flatten(0, 1).permute(0, 3, 1, 2) / 255
-    )
     # over many draws every frame position is used
     torch.manual_seed(0)
-    phase = HiFiCWarmupPhase(TINY, LOSS)
+    phase = HiFiCWarmupPhase(TINY, LOSS, **WHOLE)
     seen = {
         int(np.argmax([np.array_equal(img, f) for f in rows["frames"][0]]))
         for img in (
@@ -75,10 +72,51 @@ def test_batches_are_distinct_random_frames_of_each_clip() -> None:
     assert seen == set(range(7))
     with pytest.raises(ValueError, match="frames_per_clip"):
         HiFiCWarmupPhase(TINY, LOSS, frames_per_clip=8)
+    with pytest.raises(ValueError, match="multiple of the HiFiC stride 64"):
+        HiFiCWarmupPhase(TINY, LOSS, crop=96)
+
+
+def test_each_image_gets_its_own_random_window_and_flip() -> None:
+    # pixels that say where they are: R = row, G = column, B = 30 * frame + 10 * clip
+    yy, xx = np.mgrid[0:128, 0:128]
+    frames = np.empty((2, 7, 128, 128, 3), np.uint8)
+    for c in range(2):
+        for t in range(7):
+            frames[c, t] = np.stack([yy, xx, np.full_like(yy, 30 * t + 10 * c)], axis=-1)
+    rows = {"frames": frames}
+    phase = HiFiCWarmupPhase(TINY, LOSS, frames_per_clip=2, crop=64, random_flip=True)
+    torch.manual_seed(0)
+    windows, flips = set(), 0
+    for _ in range(15):
+        images = (phase.prepare_batch(rows, torch.device("cpu")) * 255).round().byte()
+        assert images.shape == (4, 3, 64, 64)
+        picked = []
+        for i, image in enumerate(images.permute(0, 2, 3, 1).numpy()):
+            c = i // 2
+            offset = int(image[0, 0, 2]) - 10 * c
+            assert offset % 30 == 0  # a frame of its own clip
+            t = offset // 30
+            top, left = int(image[0, 0, 0]), int(image[0, :, 1].min())
+            flip = image[0, 0, 1] > image[0, 1, 1]
+            window = frames[c, t, top : top + 64, left : left + 64]
+            np.testing.assert_array_equal(image, window[:, ::-1] if flip else window)
+            picked.append((c, t))
+            windows.add((top, left))
+            flips += bool(flip)
+        assert picked[0] != picked[1] and picked[2] != picked[3]  # distinct frames per clip
+    assert len(windows) > 20 and 0 < flips < 60
+    # resuming restores the torch RNG: the same draws again
+    torch.manual_seed(5)
+    first = phase.prepare_batch(rows, torch.device("cpu"))
+    torch.manual_seed(5)
+    assert torch.equal(first, phase.prepare_batch(rows, torch.device("cpu")))
+    small = HiFiCWarmupPhase(TINY, LOSS, crop=128)
+    with pytest.raises(DataError, match=r"smaller than the 128x128 crop \(hific\.crop\)"):
+        small.prepare_batch(_rows(size=64), torch.device("cpu"))
 
 
 def test_warmup_step_logs_the_rate_distortion_terms_and_trains_the_quantiles() -> None:
-    phase = HiFiCWarmupPhase(TINY, LOSS, frames_per_clip=2)
+    phase = HiFiCWarmupPhase(TINY, LOSS, frames_per_clip=2, crop=64)
     stepper = _stepper(phase)
     quantiles = stepper.models.generator.entropy_bottleneck.quantiles.detach().clone()
     batch = phase.prepare_batch(_rows(), torch.device("cpu"))
@@ -95,15 +133,15 @@ def test_warmup_step_logs_the_rate_distortion_terms_and_trains_the_quantiles() -
 
 def test_the_loss_schedule_counts_the_warmup_steps_before_the_gan_phase() -> None:
     loss = HiFiCLossWeights(target_bpp=0.3, lambda_a=1.0, lambda_b=2**-4, k_p=0.0, warmup_steps=10)
-    batch = HiFiCWarmupPhase(TINY, loss).prepare_batch(_rows(), torch.device("cpu"))
-    early = _stepper(HiFiCWarmupPhase(TINY, loss)).step(batch, step=1)
-    late = _stepper(HiFiCGANPhase(TINY, loss, step_offset=10)).step(batch, step=1)
+    batch = HiFiCWarmupPhase(TINY, loss, crop=64).prepare_batch(_rows(), torch.device("cpu"))
+    early = _stepper(HiFiCWarmupPhase(TINY, loss, crop=64)).step(batch, step=1)
+    late = _stepper(HiFiCGANPhase(TINY, loss, crop=64, step_offset=10)).step(batch, step=1)
     assert early["target_bpp"] == pytest.approx(0.3 * loss.warmup_target_factor)
     assert late["target_bpp"] == pytest.approx(0.3)
 
 
 def test_gan_step_trains_d_on_real_and_fake_conditioned_on_the_latent() -> None:
-    phase = HiFiCGANPhase(TINY, LOSS, frames_per_clip=1)
+    phase = HiFiCGANPhase(TINY, LOSS, crop=64)
     stepper = _stepper(phase)
     g, d = stepper.models.generator, stepper.models.discriminator
     assert d is not None
@@ -131,7 +169,7 @@ def test_gan_step_trains_d_on_real_and_fake_conditioned_on_the_latent() -> None:
 
 
 def test_export_is_a_hific_checkpoint_that_starts_the_gan_phase(tmp_path: Path) -> None:
-    warmup = HiFiCWarmupPhase(TINY, LOSS)
+    warmup = HiFiCWarmupPhase(TINY, LOSS, crop=64)
     stepper = _stepper(warmup)
     stepper.step(warmup.prepare_batch(_rows(), torch.device("cpu")), step=1)
     warmup.export(stepper.models, tmp_path)
@@ -142,7 +180,7 @@ def test_export_is_a_hific_checkpoint_that_starts_the_gan_phase(tmp_path: Path) 
     image = torch.rand(3, 48, 80)
     assert codec.decode(codec.encode(image)).shape == image.shape  # padded and cropped back
 
-    gan = HiFiCGANPhase(TINY, LOSS)
+    gan = HiFiCGANPhase(TINY, LOSS, crop=64)
     models = gan.build_models()
     gan.apply_init_weights(models, gan.read_init_weights(tmp_path))
     trained = dict(stepper.models.generator.named_parameters())
@@ -158,7 +196,7 @@ def test_export_is_a_hific_checkpoint_that_starts_the_gan_phase(tmp_path: Path) 
     assert set(gan.read_init_weights(out)) == {"generator", "discriminator"}
 
     with pytest.raises(RunnerError, match=r"HiFiC config .* differs"):
-        HiFiCWarmupPhase(HiFiCConfig.small(), LOSS).read_init_weights(tmp_path)
+        HiFiCWarmupPhase(HiFiCConfig.small(), LOSS, crop=64).read_init_weights(tmp_path)
     with pytest.raises(RunnerError, match="does not exist"):
         gan.read_init_weights(tmp_path / "nowhere")
 
@@ -166,17 +204,23 @@ def test_export_is_a_hific_checkpoint_that_starts_the_gan_phase(tmp_path: Path) 
 def test_lpips_needs_the_backbone_param_and_loads_it(tmp_path: Path) -> None:
     with_lpips = HiFiCLossWeights(target_bpp=0.3, lambda_a=1.0, lambda_b=2**-4, k_p=1.0)
     with pytest.raises(ConfigError, match=r"hific\.lpips_backbone is not set"):
-        HiFiCWarmupPhase(TINY, with_lpips).load_lpips()
+        HiFiCWarmupPhase(TINY, with_lpips, crop=64).load_lpips()
     with pytest.raises(ConfigError, match=r"hific\.lpips_backbone = .*nope\.pth.*no such file"):
-        HiFiCWarmupPhase(TINY, with_lpips, lpips_backbone=str(tmp_path / "nope.pth")).load_lpips()
+        HiFiCWarmupPhase(
+            TINY, with_lpips, crop=64, lpips_backbone=str(tmp_path / "nope.pth")
+        ).load_lpips()
     torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "other.pth")
     with pytest.raises(ConfigError, match=r"not a torchvision AlexNet state dict"):
-        HiFiCWarmupPhase(TINY, with_lpips, lpips_backbone=str(tmp_path / "other.pth")).load_lpips()
+        HiFiCWarmupPhase(
+            TINY, with_lpips, crop=64, lpips_backbone=str(tmp_path / "other.pth")
+        ).load_lpips()
 
     torch.manual_seed(3)
     alexnet = torchvision.models.alexnet(weights=None)
     torch.save(alexnet.state_dict(), tmp_path / "alexnet.pth")
-    phase = HiFiCWarmupPhase(TINY, with_lpips, lpips_backbone=str(tmp_path / "alexnet.pth"))
+    phase = HiFiCWarmupPhase(
+        TINY, with_lpips, crop=64, lpips_backbone=str(tmp_path / "alexnet.pth")
+    )
     phase.load_lpips()
     (tmp_path / "alexnet.pth").unlink()  # the trunk travels with the phase, as to a Ray worker
     shipped = pickle.loads(pickle.dumps(phase))
@@ -197,6 +241,7 @@ def test_phases_from_params() -> None:
                 "warmup_steps": 40,
                 "gan_steps": 20,
                 "batch_size": 3,
+                "crop": 128,
                 "lr_d": 5e-5,
                 "operating_points": {
                     "low": {"target_bpp": 0.1, "lambda_a": 2.0, "lambda_b": 0.5, "k_p": 0.0}
@@ -206,6 +251,7 @@ def test_phases_from_params() -> None:
     )
     warmup, gan = hific_phases(params, "low")
     assert warmup.model == TINY and warmup.batch_size == 3 and warmup.step_offset == 0
+    assert warmup.crop == 128 and warmup.random_flip == params.data.random_flip
     assert warmup.loss.target_bpp == 0.1 and warmup.loss.lambda_b == 0.5 and not warmup.uses_lpips
     assert gan is not None and gan.step_offset == 40 and gan.lr_d == 5e-5
     assert warmup.config()["loss"]["k_p"] == 0.0  # JSON settings compared on resume
