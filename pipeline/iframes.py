@@ -801,7 +801,7 @@ def _code_pending(
     total_clips = sum(e["rows"] for e in pending)
     done_clips = 0
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        for source in set(batch.column("source").to_pylist()):
+        for source in dict.fromkeys(batch.column("source").to_pylist()):
             part = batch.filter(pa.compute.equal(batch.column("source"), source))
             received.setdefault(source, []).append(part)
             counts[source] = counts.get(source, 0) + part.num_rows

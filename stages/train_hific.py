@@ -1,0 +1,222 @@
+"""DVC stage ``train_hific@<quality>``: the HiFiC I-frame codec, warm-up then adversarial.
+
+Trains on the training shards through the Ray Train runner (:mod:`pipeline.runner`), two
+Ray Train runs nested as MLflow runs under this stage's run:
+
+1. ``train_hific-<q>-warmup`` (:class:`~pipeline.phases.hific.HiFiCWarmupPhase`,
+   ``hific.warmup_steps``), exported to ``paths.models/<q>/hific_warmup/``;
+2. ``train_hific-<q>-gan`` (:class:`~pipeline.phases.hific.HiFiCGANPhase`, ``hific.gan_steps``),
+   started from that export, exported to ``paths.models/<q>/hific/``.
+
+With ``hific.gan_steps: 0`` the warm-up exports straight to ``paths.models/<q>/hific/``. With
+``hific.pretrained.<q>`` set, that checkpoint is checked (``plvc.hific.load_hific``) and
+copied to ``paths.models/<q>/hific/`` instead of training. Either way the folder holds
+``hific.pt`` and ``result.json``; ``paths.metrics/<q>/train_hific.json`` holds the final
+training metrics (bpp, MSE, PSNR, D terms). Re-running continues the Ray Train runs from
+their checkpoints under ``runner.storage_path``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+QUALITIES = ("low", "medium", "high")
+STAGE = "train_hific"
+
+# training metrics worth a DVC metric, per phase (keys of result.json's final_metrics)
+_G_METRICS = ("loss", "bpp", "bpp_quantized", "mse", "psnr", "lpips", "gan")
+_D_METRICS = ("d_loss", "d_real_loss", "d_fake_loss", "d_real_prob", "d_fake_prob")
+
+
+def _parser() -> argparse.ArgumentParser:
+    from pipeline.cli import stage_parser
+
+    parser = stage_parser(__doc__.splitlines()[0])
+    parser.add_argument("--quality", required=True, choices=QUALITIES)
+    return parser
+
+
+def _summary(result: dict[str, Any]) -> dict[str, float | int]:
+    final = result.get("final_metrics", {})
+    out: dict[str, float | int] = {"steps": result["steps"]}
+    for key in (*_G_METRICS, *_D_METRICS):
+        if f"train/{key}" in final:
+            out[key] = final[f"train/{key}"]
+    return out
+
+
+def _replace_dir(build: Any, final: Path) -> None:
+    """Fill a temp folder with ``build(tmp)`` and swap it in for ``final`` (atomic rename)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        build(tmp)
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not final.exists():
+            old.rename(final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _export_pretrained(source: Path, quality: str, out_dir: Path) -> dict[str, Any]:
+    from pipeline.cli import write_json_atomic
+    from plvc.errors import WeightsError
+    from plvc.hific import load_hific
+
+    try:
+        model, meta = load_hific(source)
+    except WeightsError as exc:
+        raise WeightsError(f"hific.pretrained.{quality}: {exc}") from exc
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    result = {
+        "stage": STAGE,
+        "source": "pretrained",
+        "pretrained_path": str(source),
+        "weights_sha256": digest,
+        "config": model.config.to_dict(),
+        "checkpoint_meta": meta,
+        "exported_files": ["hific.pt"],
+    }
+
+    def build(tmp: Path) -> None:
+        shutil.copyfile(source, tmp / "hific.pt")  # byte for byte: the digest stays the user's
+        write_json_atomic(tmp / "result.json", result)
+
+    _replace_dir(build, out_dir)
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    # heavy imports after argument parsing: --help stays fast
+    import mlflow
+
+    from pipeline.cli import write_json_atomic
+    from pipeline.config import ConfigError, load_params
+    from pipeline.tracking import log_json_artifact, stage_run
+
+    params = load_params(args.params)
+    quality: str = args.quality
+    cfg = params.hific
+    out_dir = params.paths.models / quality / "hific"
+    metrics_path = params.paths.metrics / quality / "train_hific.json"
+    logged = cfg.model_dump(mode="json")
+    logged["operating_point"] = logged.pop("operating_points").get(quality)
+    logged["pretrained"] = logged.pop("pretrained").get(quality)
+    logged_params = {
+        "quality": quality,
+        "hific": logged,
+        "runner": params.runner.model_dump(mode="json"),
+        "data.random_flip": params.data.random_flip,
+    }
+    pretrained = cfg.pretrained.get(quality)  # type: ignore[call-overload]
+
+    with stage_run(STAGE, params, logged_params=logged_params, run_name=f"{STAGE}@{quality}"):
+        if pretrained is not None:
+            result = _export_pretrained(Path(pretrained), quality, out_dir)
+            print(
+                f"[{STAGE}@{quality}] hific.pretrained.{quality} = {pretrained}: checkpoint "
+                f"checked and exported to {out_dir}; no training",
+                flush=True,
+            )
+            mlflow.set_tag("plvc.hific_source", "pretrained")
+            log_json_artifact(result, "result.json")
+            metrics: dict[str, Any] = {
+                "quality": quality,
+                "source": "pretrained",
+                "weights_sha256": result["weights_sha256"],
+            }
+            write_json_atomic(metrics_path, metrics)
+            return
+
+        from pipeline.phases.hific import hific_phases
+        from pipeline.shards import list_shards
+
+        warmup, gan = hific_phases(params, quality)
+        # everything that can fail on input fails here, before Ray starts
+        warmup.load_lpips()
+        if gan is not None:
+            gan.load_lpips()
+        shard_dir = params.paths.shards / "train"
+        if not list_shards(shard_dir):
+            raise ConfigError(f"no training shards in {shard_dir}: run the shard stage first")
+        mlflow.set_tag("plvc.hific_source", "trained")
+        results = _train(params, quality, warmup, gan, shard_dir, out_dir)
+
+        metrics = {"quality": quality, "source": "trained"}
+        for phase_name, result in results.items():
+            summary = _summary(result)
+            metrics[phase_name] = summary
+            mlflow.log_metrics({f"{phase_name}/{k}": float(v) for k, v in summary.items()})
+        final = results.get("gan", results["warmup"])
+        log_json_artifact(final, "result.json")
+        write_json_atomic(metrics_path, metrics)
+
+
+def _train(
+    params: Any, quality: str, warmup: Any, gan: Any, shard_dir: Path, out_dir: Path
+) -> dict[str, dict[str, Any]]:
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.datasets import read_septuplets_ray
+    from pipeline.ray_cluster import init_ray, shutdown_ray
+    from pipeline.runner import run_phase
+
+    cfg = params.hific
+    stage_run_id = mlflow.active_run().info.run_id
+    tags = {
+        k: v
+        for k, v in MlflowClient().get_run(stage_run_id).data.tags.items()
+        if k.startswith("plvc.") and k != "plvc.role"
+    }
+    started_ray = init_ray(params) != "existing"
+    try:
+        # whole clips: the phases cut a fresh window from each drawn frame every step
+        datasets = {
+            "train": read_septuplets_ray(shard_dir, crop=None, random_flip=False, seed=params.seed)
+        }
+        runs = [("warmup", warmup, cfg.warmup_steps)]
+        if gan is not None:
+            runs.append(("gan", gan, cfg.gan_steps))
+        results: dict[str, dict[str, Any]] = {}
+        init_weights = None
+        for phase_name, phase, steps in runs:
+            last = phase_name == runs[-1][0]
+            export_dir = out_dir if last else params.paths.models / quality / "hific_warmup"
+            run_name = f"{STAGE}-{quality}-{phase_name}"
+            # one nested MLflow run per Ray Train run: each phase's curves start at step 1
+            phase_tags = {**tags, "plvc.role": "phase", "plvc.phase": phase.name}
+            with mlflow.start_run(run_name=run_name, nested=True, tags=phase_tags):
+                results[phase_name] = run_phase(
+                    phase,
+                    params,
+                    stage=STAGE,
+                    run_name=run_name,
+                    datasets=datasets,
+                    max_steps=steps,
+                    init_weights=init_weights,
+                    export_dir=export_dir,
+                )
+            init_weights = export_dir
+        return results
+    finally:
+        if started_ray:
+            shutdown_ray()
+
+
+if __name__ == "__main__":
+    from pipeline.cli import run_stage
+
+    run_stage(main)
