@@ -1,0 +1,537 @@
+"""Whole-video coding: GOPs of one intra-coded frame followed by PLVC P-frames.
+
+The first frame of every GOP is coded with an intra codec (:mod:`plvc.intra`; HiFiC in
+the paper), the following ``gop - 1`` frames with the recurrent generator (paper eq. 3),
+which carries its state from P-frame to P-frame and restarts at each I-frame. Frames
+are padded (replicate, right/bottom) to a multiple of the generator's stride and cropped
+back on decode. The encoder references exactly what the decoder will see: the decoded
+I-frame and each P-frame's reconstruction from ``compress_pframe``, so a stream decodes
+to the encoder's reconstruction bit for bit (same device type and PyTorch build).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from plvc.bitstream import (
+    FINGERPRINT_BYTES,
+    FrameRecord,
+    FrameType,
+    StreamHeader,
+    decode_container,
+    encode_container,
+    frame_type_for_index,
+    pad_for_rans,
+)
+from plvc.errors import BitstreamError, IntraCodecError, PLVCError, WeightsError
+from plvc.intra import IntraCodec, get_intra_codec
+
+if TYPE_CHECKING:
+    from plvc.generator import PLVC, GeneratorState
+
+__all__ = [
+    "EncodeResult",
+    "FrameStats",
+    "VideoDecoder",
+    "VideoEncoder",
+    "coding_environment",
+    "decode_video",
+    "encode_video",
+    "intra_spec",
+    "iter_decode",
+    "model_fingerprint",
+]
+
+Frame = torch.Tensor | np.ndarray
+
+
+def model_fingerprint(model: PLVC) -> bytes:
+    """First bytes of SHA-256 over the config and every state-dict tensor (CDF tables too).
+
+    Stored in the stream header so that decoding with other weights fails with a clear
+    message instead of producing garbage.
+    """
+    digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        t = tensor.detach().cpu().contiguous()
+        digest.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.digest()[:FINGERPRINT_BYTES]
+
+
+def intra_spec(intra: IntraCodec) -> tuple[str, dict[str, Any]]:
+    """``(name, config)`` that rebuild ``intra`` via ``get_intra_codec(name, **config)``."""
+    config = getattr(intra, "config", None)
+    if callable(config):
+        config = config()
+    if not isinstance(config, dict):
+        raise IntraCodecError(
+            f"intra codec {intra.name!r} has no 'config' dict: a decoder could not rebuild it"
+        )
+    try:
+        json.dumps(config)
+    except (TypeError, ValueError) as exc:
+        raise IntraCodecError(f"intra codec {intra.name!r} config is not JSON: {exc}") from None
+    return intra.name, config
+
+
+@dataclass(frozen=True)
+class FrameStats:
+    """Rate of one coded frame: bytes in the stream vs the entropy model's estimate."""
+
+    index: int
+    frame_type: str
+    payload_bytes: int
+    """Entropy-coded bytes of the frame (container framing excluded)."""
+    estimated_bits: float | None = None
+    """``sum(-log2 p)`` of the coded latents under the model, when requested."""
+
+    @property
+    def bits(self) -> int:
+        return 8 * self.payload_bytes
+
+
+@dataclass
+class EncodeResult:
+    """A coded video: the stream bytes, per-frame statistics and (optionally) the
+    encoder-side reconstruction ``[T, 3, H, W]`` (CPU float, what a decoder will output)."""
+
+    data: bytes
+    header: StreamHeader
+    frame_stats: list[FrameStats]
+    reconstruction: torch.Tensor | None = None
+
+    def __bytes__(self) -> bytes:
+        return self.data
+
+    @property
+    def num_pixels(self) -> int:
+        return self.header.frame_count * self.header.width * self.header.height
+
+    @property
+    def bpp(self) -> float:
+        """Bits per pixel of the whole stream (header and framing included, DESIGN §5)."""
+        return 8 * len(self.data) / self.num_pixels
+
+    @property
+    def payload_bpp(self) -> float:
+        """Bits per pixel of the entropy-coded payload only."""
+        return sum(s.bits for s in self.frame_stats) / self.num_pixels
+
+    @property
+    def estimated_bpp(self) -> float | None:
+        """The model's estimate, where every frame has one."""
+        if any(s.estimated_bits is None for s in self.frame_stats):
+            return None
+        return sum(s.estimated_bits or 0.0 for s in self.frame_stats) / self.num_pixels
+
+
+@contextlib.contextmanager
+def coding_environment(device: torch.device, cpu_threads: int) -> Iterator[None]:
+    """Fix what the reconstruction's rounding depends on, for one frame's coding.
+
+    CPU convolutions give different last bits for each intra-op thread count, so the
+    encoder records its count in the header and a CPU decoder uses the same one. On
+    CUDA, cuDNN is asked for deterministic algorithms (no autotuning). Process-global
+    settings, restored on exit.
+    """
+    if device.type == "cpu":
+        previous = torch.get_num_threads()
+        torch.set_num_threads(cpu_threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(previous)
+    elif device.type == "cuda":
+        cudnn = torch.backends.cudnn
+        previous_flags = (cudnn.deterministic, cudnn.benchmark)
+        cudnn.deterministic, cudnn.benchmark = True, False
+        try:
+            yield
+        finally:
+            cudnn.deterministic, cudnn.benchmark = previous_flags
+    else:
+        yield
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _as_frame_tensor(frame: Frame, index: int) -> torch.Tensor:
+    """One frame as float ``[3, H, W]`` in [0, 1] from a tensor or an RGB uint8 array."""
+    if isinstance(frame, np.ndarray):
+        if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
+            raise PLVCError(
+                f"frame {index}: arrays must be RGB uint8 [H, W, 3], got {frame.dtype} "
+                f"{list(frame.shape)}"
+            )
+        return torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1).float() / 255.0
+    if isinstance(frame, torch.Tensor):
+        if frame.dim() == 4 and frame.shape[0] == 1:
+            frame = frame[0]
+        if frame.dim() != 3 or frame.shape[0] != 3 or not frame.is_floating_point():
+            raise PLVCError(
+                f"frame {index}: tensors must be float [3, H, W] in [0, 1], got {frame.dtype} "
+                f"{list(frame.shape)}"
+            )
+        return frame.float()
+    raise PLVCError(f"frame {index}: expected a tensor or numpy array, got {type(frame).__name__}")
+
+
+def _iter_frames(frames: torch.Tensor | np.ndarray | Iterable[Frame]) -> Iterator[Frame]:
+    if isinstance(frames, torch.Tensor):
+        if frames.dim() != 4:
+            raise PLVCError(f"a video tensor must be [T, 3, H, W], got {list(frames.shape)}")
+        return iter(frames.unbind(0))
+    if isinstance(frames, np.ndarray):
+        if frames.ndim != 4:
+            raise PLVCError(f"a video array must be [T, H, W, 3], got {list(frames.shape)}")
+        return iter(frames)
+    return iter(frames)
+
+
+def _pad_to(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    ph, pw = height - x.shape[-2], width - x.shape[-1]
+    if not (ph or pw):
+        return x
+    if x.dim() == 3:
+        return F.pad(x[None], (0, pw, 0, ph), mode="replicate")[0]
+    return F.pad(x, (0, pw, 0, ph), mode="replicate")
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _intra_stride(intra: IntraCodec) -> int:
+    stride = int(getattr(intra, "stride", 1) or 1)
+    if stride < 1:
+        raise IntraCodecError(f"intra codec {intra.name!r} has invalid stride {stride}")
+    return stride
+
+
+def _intra_roundtrip_size(header: StreamHeader, intra: IntraCodec) -> tuple[int, int]:
+    stride = _intra_stride(intra)
+    return _round_up(header.coded_height, stride), _round_up(header.coded_width, stride)
+
+
+class VideoEncoder:
+    """Frame-by-frame encoder; :meth:`finish` returns the container bytes.
+
+    Frames are float ``[3, H, W]`` in [0, 1] or RGB ``uint8 [H, W, 3]`` arrays, all of
+    the size given at construction.
+    """
+
+    def __init__(
+        self,
+        model: PLVC,
+        intra: IntraCodec,
+        *,
+        width: int,
+        height: int,
+        gop: int = 9,
+        quality: str = "",
+        fps: Fraction | None = None,
+        estimate_bits: bool = False,
+        num_threads: int | None = None,
+    ) -> None:
+        if gop != -1 and gop < 1:
+            raise PLVCError(f"GOP must be -1 (one I-frame) or >= 1, got {gop}")
+        self.model, self.intra = model, intra
+        self.gop, self.quality, self.estimate_bits = gop, quality, estimate_bits
+        self.width, self.height = width, height
+        self.fps = Fraction(fps) if fps is not None else None
+        self.intra_name, self.intra_config = intra_spec(intra)
+        self.pad_multiple = int(getattr(model, "stride", 16))
+        self.device = _model_device(model)
+        # 0 in the header: the reconstruction path ran on an accelerator
+        self.cpu_threads = (
+            (num_threads or torch.get_num_threads()) if self.device.type == "cpu" else 0
+        )
+        self.fingerprint = model_fingerprint(model)
+        self.records: list[FrameRecord] = []
+        self.stats: list[FrameStats] = []
+        self._ref: torch.Tensor | None = None
+        self._state: GeneratorState | None = None
+        # a header for the sizes alone; frame count and the rest are filled in finish()
+        self._sizes = self._header(frame_count=1)
+
+    def _header(self, frame_count: int) -> StreamHeader:
+        fps = (self.fps.numerator, self.fps.denominator) if self.fps is not None else None
+        return StreamHeader(
+            width=self.width,
+            height=self.height,
+            frame_count=frame_count,
+            gop=self.gop,
+            pad_multiple=self.pad_multiple,
+            quality=self.quality,
+            intra_name=self.intra_name,
+            intra_config=self.intra_config,
+            model_fingerprint=self.fingerprint,
+            fps=fps,
+            cpu_threads=self.cpu_threads,
+        )
+
+    def encode_frame(self, frame: Frame) -> tuple[FrameStats, torch.Tensor]:
+        """Code the next frame; returns its stats and reconstruction ``[3, H, W]`` (CPU)."""
+        with coding_environment(self.device, self.cpu_threads), torch.inference_mode():
+            return self._encode_frame(frame)
+
+    def _encode_frame(self, frame: Frame) -> tuple[FrameStats, torch.Tensor]:
+        index = len(self.records)
+        x = _as_frame_tensor(frame, index)
+        if tuple(x.shape[-2:]) != (self.height, self.width):
+            raise PLVCError(
+                f"frame {index} is {x.shape[-1]}x{x.shape[-2]}, the video is "
+                f"{self.width}x{self.height}"
+            )
+        coded_h, coded_w = self._sizes.coded_height, self._sizes.coded_width
+        x = _pad_to(x.to(self.device), coded_h, coded_w)
+        estimated: float | None = None
+        if frame_type_for_index(index, self.gop) is FrameType.I:
+            ih, iw = _intra_roundtrip_size(self._sizes, self.intra)
+            x_intra = _pad_to(x, ih, iw)
+            payload = self.intra.encode(x_intra)
+            x_hat = self.intra.decode(payload)[:, :coded_h, :coded_w].to(self.device)[None]
+            if self.estimate_bits and hasattr(self.intra, "estimate_bits"):
+                estimated = float(self.intra.estimate_bits(x_intra))
+            record = FrameRecord(FrameType.I, (payload,))
+            self._state = None
+        else:
+            assert self._ref is not None
+            x = x[None]
+            if self.estimate_bits:
+                from plvc.entropy import bits_from_likelihoods
+
+                training = self.model.training
+                self.model.eval()
+                try:
+                    out = self.model.forward_pframe(x, self._ref, self._state)
+                finally:
+                    self.model.train(training)
+                estimated = float(bits_from_likelihoods(out["likelihoods"]))
+            strings, shape, x_hat, self._state = self.model.compress_pframe(
+                x, self._ref, self._state
+            )
+            record = FrameRecord(FrameType.P, tuple(strings), (int(shape[0]), int(shape[1])))
+        self._ref = x_hat
+        self.records.append(record)
+        stats = FrameStats(index, record.frame_type.name, record.payload_bytes, estimated)
+        self.stats.append(stats)
+        return stats, x_hat[0, :, : self.height, : self.width].float().cpu()
+
+    @property
+    def header(self) -> StreamHeader:
+        """The header of the frames coded so far."""
+        return self._header(max(len(self.records), 1))
+
+    def finish(self) -> bytes:
+        """The complete stream."""
+        if not self.records:
+            raise PLVCError("no frames to encode")
+        return encode_container(self.header, self.records)
+
+
+def encode_video(
+    frames: torch.Tensor | np.ndarray | Iterable[Frame],
+    model: PLVC,
+    intra: IntraCodec,
+    *,
+    gop: int = 9,
+    quality: str = "",
+    fps: Fraction | None = None,
+    estimate_bits: bool = False,
+    return_reconstruction: bool = False,
+    num_threads: int | None = None,
+) -> EncodeResult:
+    """Code a video: ``[T, 3, H, W]`` float tensor, ``[T, H, W, 3]`` uint8 array, or an
+    iterable of frames. ``gop``: I-frame period (-1: only the first frame is intra).
+    ``estimate_bits``: also run the model's rate estimate per frame (one extra forward
+    pass per frame) so the stats show the gap between estimated and actual bits.
+    ``num_threads``: CPU intra-op threads for coding (default: torch's current count),
+    recorded in the header so that decoders reproduce the reconstruction exactly.
+    """
+    iterator = _iter_frames(frames)
+    try:
+        first = _as_frame_tensor(next(iterator), 0)
+    except StopIteration:
+        raise PLVCError("no frames to encode") from None
+    encoder = VideoEncoder(
+        model,
+        intra,
+        width=int(first.shape[-1]),
+        height=int(first.shape[-2]),
+        gop=gop,
+        quality=quality,
+        fps=fps,
+        estimate_bits=estimate_bits,
+        num_threads=num_threads,
+    )
+    reconstruction = []
+    for frame in _chain(first, iterator):
+        _, x_hat = encoder.encode_frame(frame)
+        if return_reconstruction:
+            reconstruction.append(x_hat)
+    data = encoder.finish()
+    return EncodeResult(
+        data=data,
+        header=encoder.header,
+        frame_stats=list(encoder.stats),
+        reconstruction=torch.stack(reconstruction) if return_reconstruction else None,
+    )
+
+
+def _chain(first: Frame, rest: Iterator[Frame]) -> Iterator[Frame]:
+    yield first
+    yield from rest
+
+
+# ---------------------------------------------------------------------------------------
+# decoding
+
+
+class VideoDecoder:
+    """Decodes a parsed stream frame by frame; iterate for float ``[3, H, W]`` CPU frames."""
+
+    def __init__(
+        self,
+        data: bytes,
+        model: PLVC,
+        *,
+        intra: IntraCodec | None = None,
+        intra_overrides: dict[str, Any] | None = None,
+        check_fingerprint: bool = True,
+    ) -> None:
+        self.header, self.records = decode_container(data)
+        self.model = model
+        if check_fingerprint and model_fingerprint(model) != self.header.model_fingerprint:
+            raise WeightsError(
+                "the stream was encoded with other generator weights (model fingerprint "
+                f"{self.header.model_fingerprint.hex()}, these weights give "
+                f"{model_fingerprint(model).hex()}): pass the weights file used to encode it"
+            )
+        if intra is None:
+            config = {**self.header.intra_config, **(intra_overrides or {})}
+            try:
+                intra = get_intra_codec(self.header.intra_name, **config)
+            except TypeError as exc:
+                raise IntraCodecError(
+                    f"intra codec {self.header.intra_name!r} rejects the stream's config "
+                    f"{config}: {exc}"
+                ) from None
+        elif intra.name != self.header.intra_name:
+            raise IntraCodecError(
+                f"stream needs intra codec {self.header.intra_name!r}, got {intra.name!r}"
+            )
+        self.intra = intra
+        self.device = _model_device(model)
+        self._latent_channels = int(model.config.latent_channels)
+
+    def __len__(self) -> int:
+        return self.header.frame_count
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        h, w = self.header.height, self.header.width
+        threads = self.header.cpu_threads or torch.get_num_threads()
+        ref: torch.Tensor | None = None
+        state: GeneratorState | None = None
+        for index, record in enumerate(self.records):
+            try:
+                with coding_environment(self.device, threads), torch.inference_mode():
+                    ref, state = self._decode_frame(record, ref, state)
+            except BitstreamError as exc:
+                raise BitstreamError(f"frame {index}: {exc}") from None
+            except (ValueError, RuntimeError) as exc:
+                # entropy decoders reject inconsistent payloads with ValueError/RuntimeError
+                raise BitstreamError(f"frame {index} cannot be decoded: {exc}") from None
+            yield ref[0, :, :h, :w].float().cpu()
+
+    def _decode_frame(
+        self, record: FrameRecord, ref: torch.Tensor | None, state: GeneratorState | None
+    ) -> tuple[torch.Tensor, GeneratorState | None]:
+        coded_h, coded_w = self.header.coded_height, self.header.coded_width
+        if record.frame_type is FrameType.I:
+            ih, iw = _intra_roundtrip_size(self.header, self.intra)
+            image = self.intra.decode(record.strings[0])
+            if tuple(image.shape) != (3, ih, iw):
+                raise BitstreamError(
+                    f"I-frame decodes to {list(image.shape)}, expected [3, {ih}, {iw}]"
+                )
+            return image[:, :coded_h, :coded_w].to(self.device)[None], None
+        assert ref is not None and record.shape is not None
+        symbols = self._latent_channels * record.shape[0] * record.shape[1]
+        strings = [pad_for_rans(s, symbols) for s in record.strings]
+        return self.model.decompress_pframe(strings, record.shape, ref, state)
+
+
+def _load_model(
+    weights: str | os.PathLike[str] | None, model: PLVC | None, device: str | None
+) -> PLVC:
+    if model is not None:
+        return model
+    if weights is None:
+        raise PLVCError("decode_video needs a model or a weights file")
+    from plvc.weights import load_weights
+
+    loaded, _ = load_weights(weights, map_location=device or "cpu")
+    return loaded
+
+
+def iter_decode(
+    data: bytes,
+    model: PLVC | None = None,
+    *,
+    weights: str | os.PathLike[str] | None = None,
+    intra: IntraCodec | None = None,
+    intra_overrides: dict[str, Any] | None = None,
+    device: str | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield decoded frames ``[3, H, W]`` one at a time (see :func:`decode_video`)."""
+    decoder = VideoDecoder(
+        data,
+        _load_model(weights, model, device),
+        intra=intra,
+        intra_overrides=intra_overrides,
+    )
+    return iter(decoder)
+
+
+def decode_video(
+    data: bytes,
+    model: PLVC | None = None,
+    *,
+    weights: str | os.PathLike[str] | None = None,
+    intra: IntraCodec | None = None,
+    intra_overrides: dict[str, Any] | None = None,
+    device: str | None = None,
+) -> torch.Tensor:
+    """Decode a stream to float frames ``[T, 3, H, W]`` in [0, 1] (CPU).
+
+    The generator comes from ``model`` or a ``weights`` file; the intra codec is rebuilt
+    from the header's name and config (``intra_overrides`` replaces config keys, e.g. a
+    relocated weights path) unless ``intra`` is given.
+    """
+    frames = list(
+        iter_decode(
+            data,
+            model,
+            weights=weights,
+            intra=intra,
+            intra_overrides=intra_overrides,
+            device=device,
+        )
+    )
+    return torch.stack(frames)

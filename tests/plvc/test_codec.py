@@ -1,0 +1,224 @@
+"""Whole-video coding of a real clip: GOP structure, padding, rate stats, and a decode in
+another process that reproduces the encoder's reconstruction bit for bit."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from plvc.bitstream import FrameRecord, decode_container, encode_container
+from plvc.codec import EncodeResult, decode_video, encode_video, model_fingerprint
+from plvc.errors import BitstreamError, IntraCodecError, PLVCError, WeightsError
+from plvc.generator import PLVC, PLVCConfig
+from plvc.intra import get_intra_codec
+from plvc.intra_compressai import CompressAIIntraCodec
+from plvc.weights import save_weights
+
+# 100x150: neither side is a multiple of 16 (coded 112x160) nor of the intra's 64
+HEIGHT, WIDTH, FRAMES, GOP = 100, 150, 5, 3
+
+
+def make_codec_pair(folder: Path, seed: int = 0) -> tuple[PLVC, CompressAIIntraCodec, Path]:
+    """A tiny generator and an intra codec whose payloads depend on the content.
+
+    Freshly initialised networks produce latents that all round to zero, so every frame
+    would code to the same bytes; scaling the analysis transforms' last layers makes
+    the latents large enough for the strings to carry the picture. The intra codec's
+    weights go to a file, as trained ones would, and the generator to a weights file.
+    """
+    torch.manual_seed(seed)
+    model = PLVC(PLVCConfig.tiny())
+    with torch.no_grad():
+        model.motion_encoder.tail[-1].weight.mul_(20.0)
+        model.residual_encoder.tail[-1].weight.mul_(20.0)
+    model.eval()
+    source = get_intra_codec("compressai", architecture="bmshj2018-hyperprior", quality=1)
+    with torch.no_grad():
+        source.model.g_a[-1].weight.mul_(5.0)
+    intra_weights = folder / "intra.pt"
+    torch.save(source.model.state_dict(), intra_weights)
+    intra = get_intra_codec(
+        "compressai", architecture="bmshj2018-hyperprior", quality=1, weights=str(intra_weights)
+    )
+    weights = folder / "plvc.pt"
+    save_weights(weights, model, intra_name=intra.name, intra_config=intra.config, quality="low")
+    return model, intra, weights
+
+
+@dataclass
+class Coded:
+    frames: torch.Tensor
+    model: PLVC
+    intra: CompressAIIntraCodec
+    weights: Path
+    result: EncodeResult
+    folder: Path
+
+
+@pytest.fixture(scope="module")
+def coded(carphone: torch.Tensor, tmp_path_factory: pytest.TempPathFactory) -> Coded:
+    folder = tmp_path_factory.mktemp("codec")
+    torch.set_num_threads(1)
+    model, intra, weights = make_codec_pair(folder)
+    frames = carphone[:FRAMES, :, :HEIGHT, :WIDTH].contiguous()
+    result = encode_video(
+        frames,
+        model,
+        intra,
+        gop=GOP,
+        quality="low",
+        estimate_bits=True,
+        return_reconstruction=True,
+    )
+    return Coded(frames, model, intra, weights, result, folder)
+
+
+def test_gop_structure_and_padding(coded: Coded) -> None:
+    header, records = decode_container(coded.result.data)
+    assert [r.frame_type.name for r in records] == ["I", "P", "P", "I", "P"]
+    assert (header.width, header.height, header.frame_count) == (WIDTH, HEIGHT, FRAMES)
+    assert (header.coded_width, header.coded_height) == (160, 112)
+    assert all(r.shape == (7, 10) for r in records if r.frame_type.name == "P")
+    assert header.intra_name == "compressai" and header.intra_config == coded.intra.config
+    assert header.model_fingerprint == model_fingerprint(coded.model)
+    assert coded.result.reconstruction is not None
+    assert coded.result.reconstruction.shape == (FRAMES, 3, HEIGHT, WIDTH)
+
+
+def test_payloads_carry_the_content(coded: Coded) -> None:
+    _, records = decode_container(coded.result.data)
+    # frames 0 and 3 are different pictures; so are the P-frames 1 and 4
+    assert records[0].strings != records[3].strings
+    assert records[1].strings != records[4].strings
+
+
+def test_rate_statistics(coded: Coded) -> None:
+    result = coded.result
+    stats = result.frame_stats
+    assert [s.frame_type for s in stats] == ["I", "P", "P", "I", "P"]
+    _, records = decode_container(result.data)
+    assert [s.payload_bytes for s in stats] == [r.payload_bytes for r in records]
+    overhead = len(result.data) - sum(s.payload_bytes for s in stats)
+    assert 0 < overhead < 400  # header (intra config with weights path/hash) + framing
+    assert result.bpp == pytest.approx(8 * len(result.data) / (FRAMES * WIDTH * HEIGHT))
+    for s in stats:
+        assert s.estimated_bits is not None and s.estimated_bits > 0
+        # the entropy coder lands near the model's information content; out-of-range
+        # symbols are bypass-coded in fewer bits than the likelihood floor charges
+        assert 0.7 * s.estimated_bits <= s.bits <= 1.15 * s.estimated_bits + 128, s
+    assert result.estimated_bpp is not None and result.payload_bpp > 0
+
+
+def test_decoder_uses_the_encoders_thread_count(coded: Coded) -> None:
+    """CPU convolutions round differently per thread count: the header records the
+    encoder's (1 here) and the decoder switches to it."""
+    header, _ = decode_container(coded.result.data)
+    assert header.cpu_threads == 1
+    torch.set_num_threads(2)
+    try:
+        decoded = decode_video(coded.result.data, coded.model)
+        assert torch.get_num_threads() == 2  # restored afterwards
+    finally:
+        torch.set_num_threads(1)
+    assert torch.equal(decoded, coded.result.reconstruction)
+
+
+def test_decode_in_another_process_is_bit_exact(coded: Coded) -> None:
+    stream = coded.folder / "clip.plvc"
+    stream.write_bytes(coded.result.data)
+    out = coded.folder / "decoded.pt"
+    script = (
+        "import sys, torch\n"
+        "from plvc.codec import decode_video\n"
+        "data = open(sys.argv[1], 'rb').read()\n"
+        "torch.save(decode_video(data, weights=sys.argv[2]), sys.argv[3])\n"
+    )
+    subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", script, str(stream), str(coded.weights), str(out)],
+        check=True,
+        timeout=300,
+    )
+    assert torch.equal(torch.load(out), coded.result.reconstruction)
+
+
+def test_other_inputs_code_identically(coded: Coded) -> None:
+    """uint8 arrays and frame iterables are the same video as the float tensor."""
+    frames = coded.frames[:2]
+    as_uint8 = (frames * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    a = encode_video(frames, coded.model, coded.intra, gop=-1)
+    b = encode_video(np.ascontiguousarray(as_uint8), coded.model, coded.intra, gop=-1)
+    c = encode_video(iter(list(frames)), coded.model, coded.intra, gop=-1)
+    assert a.data == c.data
+    assert len(b.data) > 0 and decode_container(b.data)[0].frame_count == 2
+
+
+def test_single_i_frame_and_all_intra(coded: Coded) -> None:
+    one = encode_video(coded.frames[:3], coded.model, coded.intra, gop=-1)
+    assert [s.frame_type for s in one.frame_stats] == ["I", "P", "P"]
+    intra_only = encode_video(
+        coded.frames[:2], coded.model, coded.intra, gop=1, return_reconstruction=True
+    )
+    assert [s.frame_type for s in intra_only.frame_stats] == ["I", "I"]
+    assert torch.equal(decode_video(intra_only.data, coded.model), intra_only.reconstruction)
+
+
+def test_decoding_with_other_weights_fails_clearly(coded: Coded) -> None:
+    torch.manual_seed(1)
+    other = PLVC(PLVCConfig.tiny()).eval()
+    other.update(force=True)
+    with pytest.raises(WeightsError, match="encoded with other generator weights"):
+        decode_video(coded.result.data, other)
+
+
+def test_intra_codec_mismatch_and_relocated_weights(coded: Coded, tmp_path: Path) -> None:
+    class OtherCodec:
+        name, stride, config = "other", 1, {}
+
+    with pytest.raises(IntraCodecError, match="needs intra codec 'compressai', got 'other'"):
+        decode_video(coded.result.data, coded.model, intra=OtherCodec())  # type: ignore[arg-type]
+    moved = tmp_path / "moved.pt"
+    moved.write_bytes(Path(coded.intra.config["weights"]).read_bytes())
+    decoded = decode_video(
+        coded.result.data,
+        coded.model,
+        intra_overrides={"weights": str(moved)},
+    )
+    assert torch.equal(decoded, coded.result.reconstruction)
+    moved.write_bytes(b"other")
+    with pytest.raises(IntraCodecError, match="a different file"):
+        decode_video(coded.result.data, coded.model, intra_overrides={"weights": str(moved)})
+
+
+def test_damaged_p_frame_strings_raise_or_decode(coded: Coded) -> None:
+    """Strings that pass the CRCs but are not the encoder's (forged or buggy streams)
+    must not crash the process: they decode to something or raise BitstreamError."""
+    header, records = decode_container(coded.result.data)
+    for damage in (lambda s: s[: len(s) // 3], lambda s: b"", lambda s: bytes(x ^ 0x5A for x in s)):
+        p = records[2]
+        forged = list(records)
+        forged[2] = FrameRecord(p.frame_type, (damage(p.strings[0]), p.strings[1]), p.shape)
+        data = encode_container(header, forged)
+        assert data != coded.result.data
+        try:
+            frames = decode_video(data, coded.model)
+        except BitstreamError:
+            continue
+        assert frames.shape == (FRAMES, 3, HEIGHT, WIDTH)
+
+
+def test_bad_input_frames(coded: Coded) -> None:
+    with pytest.raises(PLVCError, match="no frames to encode"):
+        encode_video(iter([]), coded.model, coded.intra)
+    mixed = [coded.frames[0], coded.frames[1, :, :50]]
+    with pytest.raises(PLVCError, match=r"frame 1 is 150x50, the video is 150x100"):
+        encode_video(mixed, coded.model, coded.intra)
+    with pytest.raises(PLVCError, match="GOP must be -1"):
+        encode_video(coded.frames, coded.model, coded.intra, gop=0)
+    with pytest.raises(PLVCError, match="frame 0: arrays must be RGB uint8"):
+        encode_video(np.zeros((1, 8, 8, 3), np.float32), coded.model, coded.intra)
