@@ -192,18 +192,19 @@ def _plan_pairs(
     shard_dir: str | os.PathLike[str],
     iframe_dir: str | os.PathLike[str],
     filesystem: pafs.FileSystem | None,
-) -> tuple[pafs.FileSystem, list[dict[str, Any]]]:
-    """One work item per shard row group: (shard file, I-frame file, row group, first row).
+) -> tuple[tuple[pafs.FileSystem, pafs.FileSystem], list[dict[str, Any]]]:
+    """One work item per shard row group: (shard file, I-frame file, row group, first row),
+    with the (shard, I-frame) filesystems.
 
     Checks from the Parquet footers alone that every shard has its I-frame file, with the
     same number of rows and made from this very shard (its ``plvc.plan``).
     """
     fs, shard_root = _filesystem(shard_dir, filesystem)
-    _, iframe_root = _filesystem(iframe_dir, filesystem)
+    iframe_fs, iframe_root = _filesystem(iframe_dir, filesystem)
     shards = _list_parts(fs, shard_root)
     if not shards:
         raise IFrameError(f"no shard files (part-*.parquet) in {shard_dir}")
-    iframes = {Path(p).name: p for p in _list_parts(fs, iframe_root)}
+    iframes = {Path(p).name: p for p in _list_parts(iframe_fs, iframe_root)}
     if not iframes:
         raise IFrameError(
             f"no I-frame files in {iframe_dir}: run the iframes stage for this quality first"
@@ -222,7 +223,7 @@ def _plan_pairs(
                 f"no I-frames for shard {shard}: {iframe_dir}/{name} is missing; "
                 "re-run the iframes stage"
             )
-        shard_meta, iframe_meta = _read_meta(fs, shard), _read_meta(fs, iframes[name])
+        shard_meta, iframe_meta = _read_meta(fs, shard), _read_meta(iframe_fs, iframes[name])
         plan = _kv(shard_meta).get("plvc.plan")
         made_from = _kv(iframe_meta).get("plvc.source_plan")
         if plan is None or made_from != plan:
@@ -242,7 +243,7 @@ def _plan_pairs(
                 {"shard": shard, "iframes": iframes[name], "row_group": rg, "row_start": start}
             )
             start += rows
-    return fs, items
+    return (fs, iframe_fs), items
 
 
 def _iframe_rows(pfile: pq.ParquetFile, start: int, count: int, columns: Sequence[str]) -> pa.Table:
@@ -264,7 +265,7 @@ def _iframe_rows(pfile: pq.ParquetFile, start: int, count: int, columns: Sequenc
 def _read_pair(
     item: dict[str, Any],
     *,
-    fs: pafs.FileSystem,
+    fs: tuple[pafs.FileSystem, pafs.FileSystem],
     crop: tuple[int, int] | None,
     random_flip: bool,
     seed: int,
@@ -274,7 +275,8 @@ def _read_pair(
     with_clip_id: bool,
 ) -> Iterator[dict[str, np.ndarray]]:
     shard_path, iframe_path = item["shard"], item["iframes"]
-    with fs.open_input_file(shard_path) as sh, fs.open_input_file(iframe_path) as ih:
+    shard_fs, iframe_fs = fs
+    with shard_fs.open_input_file(shard_path) as sh, iframe_fs.open_input_file(iframe_path) as ih:
         table = pq.ParquetFile(sh).read_row_group(item["row_group"], columns=_READ_COLUMNS)
         iframes = _iframe_rows(
             pq.ParquetFile(ih), item["row_start"], table.num_rows, ["clip_id", "iframe_png"]
