@@ -3,10 +3,11 @@
 Registers ``"compressai"``: any ``compressai.zoo.image_models`` architecture (e.g.
 ``bmshj2018-hyperprior``, ``mbt2018-mean``) at a zoo quality level. Pretrained zoo
 weights are downloaded by CompressAI from the internet, which this codec never does:
-give ``weights`` (a state-dict file) for a trained codec. Without it the network is
-randomly initialised from ``seed`` -- reproducible in any process, so streams still
-decode bit-exactly, but :attr:`CompressAIIntraCodec.trained` is ``False`` and the
-pictures are meaningless; use it for tests and timing only.
+give ``weights`` (a state-dict file) for a trained codec. Without weights the call must
+say ``allow_random_init=True``: the network is then initialised from ``seed`` --
+reproducible in any process, so streams still decode bit-exactly, but
+:attr:`CompressAIIntraCodec.trained` is ``False`` and the pictures are meaningless; use
+it for tests and timing only.
 
 Determinism: the decoder must rebuild the entropy coder's probability tables
 bit-identically. For the factorized and (mean-)scale hyperprior families the analysis
@@ -89,6 +90,7 @@ class CompressAIIntraCodec:
         weights: str | None = None,
         weights_sha256: str | None = None,
         seed: int = 0,
+        allow_random_init: bool = False,
         device: str | torch.device = "cpu",
     ) -> None:
         if architecture not in ARCHITECTURES:
@@ -98,6 +100,12 @@ class CompressAIIntraCodec:
             )
         self.architecture = architecture
         self.quality = int(quality)
+        if weights is None and not allow_random_init:
+            raise IntraCodecError(
+                "the 'compressai' intra codec needs trained weights: set its 'weights' param "
+                "to a state-dict file, or pass allow_random_init=True to code with an "
+                "untrained, seeded model (tests and timing only)"
+            )
         self.seed = int(seed)
         self.weights = str(weights) if weights is not None else None
         self.trained = weights is not None
@@ -162,14 +170,13 @@ class CompressAIIntraCodec:
 
         Unset options are left out: the config travels in every stream header.
         """
-        config: dict[str, Any] = {
-            "architecture": self.architecture,
-            "quality": self.quality,
-            "seed": self.seed,
-        }
+        config: dict[str, Any] = {"architecture": self.architecture, "quality": self.quality}
         if self.weights is not None:
             config["weights"] = self.weights
             config["weights_sha256"] = self.weights_sha256
+        else:
+            config["allow_random_init"] = True
+            config["seed"] = self.seed
         return config
 
     @property

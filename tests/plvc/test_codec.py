@@ -38,7 +38,7 @@ def make_codec_pair(folder: Path, seed: int = 0) -> tuple[PLVC, CompressAIIntraC
         model.motion_encoder.tail[-1].weight.mul_(20.0)
         model.residual_encoder.tail[-1].weight.mul_(20.0)
     model.eval()
-    source = get_intra_codec("compressai", architecture="bmshj2018-hyperprior", quality=1)
+    source = get_intra_codec("compressai", quality=1, allow_random_init=True)
     with torch.no_grad():
         source.model.g_a[-1].weight.mul_(5.0)
     intra_weights = folder / "intra.pt"

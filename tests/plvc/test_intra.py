@@ -17,7 +17,9 @@ from plvc.intra_compressai import CompressAIIntraCodec
 
 @pytest.fixture(scope="module")
 def codec() -> CompressAIIntraCodec:
-    return get_intra_codec("compressai", architecture="bmshj2018-hyperprior", quality=1)
+    return get_intra_codec(
+        "compressai", architecture="bmshj2018-hyperprior", quality=1, allow_random_init=True
+    )
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +33,12 @@ def test_registered_and_explicit_about_training(codec: CompressAIIntraCodec) -> 
     assert "compressai" in available_intra_codecs()
     assert codec.name == "compressai" and codec.stride == 64
     assert codec.trained is False
-    assert codec.config == {"architecture": "bmshj2018-hyperprior", "quality": 1, "seed": 0}
+    assert codec.config == {
+        "architecture": "bmshj2018-hyperprior",
+        "quality": 1,
+        "allow_random_init": True,
+        "seed": 0,
+    }
 
 
 def test_round_trip_of_an_odd_size_image(codec: CompressAIIntraCodec, image: torch.Tensor) -> None:
@@ -53,7 +60,9 @@ def test_config_rebuilds_the_same_codec(codec: CompressAIIntraCodec, image: torc
 
 @pytest.mark.parametrize("architecture", ["bmshj2018-factorized", "mbt2018"])
 def test_other_architecture_families(architecture: str) -> None:
-    codec = get_intra_codec("compressai", architecture=architecture, quality=1)
+    codec = get_intra_codec(
+        "compressai", architecture=architecture, quality=1, allow_random_init=True
+    )
     x = torch.rand(3, 32, 40)
     assert codec.decode(codec.encode(x)).shape == x.shape
 
@@ -69,14 +78,18 @@ def test_rate_estimate_matches_coded_size(codec: CompressAIIntraCodec, image: to
 def test_decode_in_another_process_is_bit_exact(tmp_path: Path, image: torch.Tensor) -> None:
     architectures = ["bmshj2018-hyperprior", "mbt2018-mean"]
     for arch in architectures:
-        codec = get_intra_codec("compressai", architecture=arch, quality=2, seed=3)
+        codec = get_intra_codec(
+            "compressai", architecture=arch, quality=2, seed=3, allow_random_init=True
+        )
         (tmp_path / f"{arch}.bin").write_bytes(codec.encode(image))
         torch.save(codec.decode((tmp_path / f"{arch}.bin").read_bytes()), tmp_path / f"{arch}.pt")
     script = f"""
 import sys, torch
 from plvc.intra import get_intra_codec
 for arch in {architectures!r}:
-    codec = get_intra_codec("compressai", architecture=arch, quality=2, seed=3)
+    codec = get_intra_codec(
+        "compressai", architecture=arch, quality=2, seed=3, allow_random_init=True
+    )
     decoded = codec.decode(open(sys.argv[1] + "/" + arch + ".bin", "rb").read())
     torch.save(decoded, sys.argv[1] + "/" + arch + ".other.pt")
 """
@@ -90,7 +103,7 @@ for arch in {architectures!r}:
 
 
 def test_weights_file_is_loaded_and_verified(tmp_path: Path, image: torch.Tensor) -> None:
-    source = get_intra_codec("compressai", architecture="bmshj2018-hyperprior", quality=1, seed=7)
+    source = get_intra_codec("compressai", quality=1, seed=7, allow_random_init=True)
     path = tmp_path / "intra.pt"
     torch.save(source.model.state_dict(), path)
     trained = get_intra_codec(
@@ -109,8 +122,9 @@ def test_weights_file_is_loaded_and_verified(tmp_path: Path, image: torch.Tensor
     ("kwargs", "message"),
     [
         ({"weights": "/nonexistent/hific.pt"}, r"'/nonexistent/hific\.pt' \(param 'weights'\)"),
+        ({"allow_random_init": False}, "needs trained weights: set its 'weights' param"),
         ({"architecture": "jpeg"}, "unknown CompressAI architecture 'jpeg'"),
-        ({"quality": 42}, "invalid quality 42"),
+        ({"quality": 42, "allow_random_init": True}, "invalid quality 42"),
     ],
 )
 def test_configuration_errors(kwargs: dict[str, object], message: str) -> None:
@@ -120,7 +134,9 @@ def test_configuration_errors(kwargs: dict[str, object], message: str) -> None:
 
 def test_weights_of_another_architecture_are_rejected(tmp_path: Path) -> None:
     path = tmp_path / "factorized.pt"
-    other = get_intra_codec("compressai", architecture="bmshj2018-factorized", quality=1)
+    other = get_intra_codec(
+        "compressai", architecture="bmshj2018-factorized", quality=1, allow_random_init=True
+    )
     torch.save(other.model.state_dict(), path)
     with pytest.raises(IntraCodecError, match="do not load into CompressAI bmshj2018-hyperprior"):
         get_intra_codec("compressai", weights=str(path), quality=1)

@@ -12,7 +12,7 @@ from plvc.errors import WeightsError
 from plvc.generator import PLVC, PLVCConfig
 from plvc.weights import WEIGHTS_FORMAT, WEIGHTS_VERSION, load_weights, save_weights
 
-INTRA = {"architecture": "bmshj2018-hyperprior", "quality": 1, "seed": 0}
+INTRA = {"architecture": "bmshj2018-hyperprior", "quality": 1, "allow_random_init": True}
 
 
 @pytest.fixture()
