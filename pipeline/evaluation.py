@@ -43,14 +43,17 @@ Outputs of one evaluation (``reports/<q>/`` or ``reports/baselines/``):
     ``point`` (the quality, or ``"baselines"``), ``gop``, ``metrics`` (selected),
     ``random_backbones`` (backbones that were random: numbers NOT comparable),
     ``test_set`` (``sequences``, ``frames``, ``vimeo_clips``, ``yuv_sequences``,
-    ``crop_multiple``), ``missing_phases``, and ``methods.<method>`` (for anchors
+    ``crop_multiple``, ``fingerprint``: equal fingerprints = the same frames, crops and
+    GOPs), ``missing_phases``, and ``methods.<method>`` (for anchors
     ``methods.<codec>.<rate point>``): the metric summary of
     :class:`pipeline.metrics.MetricRun` (frame-averaged per-frame metrics, ``fid``,
     ``kid``, ``bpp``, ``num_frames``, ``num_videos``, ...), ``bytes`` (all stream bytes),
     ``payload_bytes`` (entropy-coded frame payloads; the rest is container framing),
     timings in ms per frame (``encode_ms_per_pframe``/``decode_ms_per_pframe`` for PLVC,
     ``encode_ms_per_frame``/``decode_ms_per_frame`` for the intra codec and the anchors;
-    PLVC's I-frames are the intra codec's), ``decoder_mismatch_frames`` and ``weights``.
+    PLVC's I-frames are the intra codec's; wall clock of this run, for orientation) and
+    ``decoder_mismatch_frames`` (decoded frames that differ from the encoder's own
+    reconstruction: 0, or the codec has an encoder/decoder drift bug).
 ``frames.csv`` (DVC plots)
     One row per decoded frame: ``method``, ``point``, ``video``, ``frame``,
     ``frame_type`` (I/P), ``bytes`` and ``bpp`` (that frame's payload; empty for anchors,
@@ -61,9 +64,11 @@ Outputs of one evaluation (``reports/<q>/`` or ``reports/baselines/``):
 ``gop_profile/<method>.csv`` (DVC plots)
     Means over sequences per position in the GOP (``position`` 0 is the I-frame):
     ``count``, ``bpp`` and every per-frame metric, where drift along the P-frames shows.
-``test_set.json``
-    Every sequence: ``name``, ``source``, ``frames``, ``height``, ``width`` (after the
-    crop), ``source_height``, ``source_width``, ``crop_top``, ``crop_left``, ``gop``.
+``sources.json``
+    ``sequences``: every sequence's ``name``, ``source`` (vimeo/yuv), ``frames``,
+    ``height``, ``width`` (after the crop), ``source_height``, ``source_width``,
+    ``crop_top``, ``crop_left``, ``gop``, ``fps``; ``methods``: where each method comes
+    from (``weights`` files; the anchors' ``preset``, ``tune``, ``rate_control``).
 ``images/frames_<k>.png``, ``images/profile_<k>.png``
     For the first sequences: decoded frames of every method next to the original and
     x265 at PLVC's rate, and temporal profiles (the middle row of each frame stacked over
@@ -562,12 +567,13 @@ class _Method:
     """One method (at one rate point) accumulated over the test set: one :class:`MetricRun`."""
 
     def __init__(
-        self, name: str, point: str, metric_set: MetricSet, chunk_pixels: int, **info: Any
+        self, name: str, point: str, metric_set: MetricSet, chunk_pixels: int, **source: Any
     ) -> None:
         self.name, self.point = name, point
         self.run: MetricRun = metric_set.start()
         self.chunk_pixels = chunk_pixels
-        self.info = info
+        #: where the method comes from (weights file, encoder settings): ``sources.json``
+        self.source = source
         self.rows: list[dict[str, Any]] = []
         self.bytes = 0
         self.payload_bytes = 0
@@ -621,7 +627,6 @@ class _Method:
         for key, values in sorted(self.times.items()):
             summary[key] = 1000.0 * sum(values) / len(values)
         summary["decoder_mismatch_frames"] = self.mismatches
-        summary.update(self.info)
         return summary
 
     def rd_point(self, summary: Mapping[str, Any]) -> RDPoint:
@@ -840,6 +845,8 @@ class EvaluationResult:
     rows: list[dict[str, Any]]
     points: list[RDPoint]
     sequences: list[dict[str, Any]]
+    #: method -> where it comes from (anchors: codec -> rate point -> settings)
+    sources: dict[str, Any] = field(default_factory=dict)
     images: dict[str, np.ndarray] = field(default_factory=dict)
     missing_phases: list[str] = field(default_factory=list)
 
@@ -936,6 +943,7 @@ def evaluate_quality(
         rows=[row for m in methods.values() for row in m.rows],
         points=[m.rd_point(summaries[name]) for name, m in methods.items()],
         sequences=sequences,
+        sources={name: m.source for name, m in methods.items()},
         images=images,
         missing_phases=list(models.missing_phases),
     )
@@ -981,21 +989,29 @@ def evaluate_anchors(
     gop: int,
     workers: int | None = None,
     chunk_pixels: int = CHUNK_PIXELS,
-    memory_budget: int = 16 << 30,
+    memory_budget: int | None = None,
     progress: bool = True,
 ) -> EvaluationResult:
     """Every rate point of every anchor on every sequence (same frames, same GOP),
     decoded and measured like the learned codec. ``workers`` ffmpeg encodes run at once
-    (default: one per core, fewer when a sequence's frames would exceed ``memory_budget``)."""
+    (default: one per core, fewer when their frames would exceed ``memory_budget`` bytes,
+    default half the available memory: a 600-frame 1080p encode holds ~26 GB)."""
     from pipeline.baselines import encode_decode
 
     check_anchors(configs)
+    if memory_budget is None:
+        try:
+            import psutil  # a Ray dependency, not one of ours
+
+            memory_budget = psutil.virtual_memory().available // 2
+        except ImportError:
+            memory_budget = 16 << 30
     jobs = [(cfg, value) for cfg in configs for value in cfg.points]
     methods: dict[tuple[str, str], _Method] = {}
     for cfg, value in jobs:
         label = f"{cfg.rate_control}={value:g}"
         methods[(cfg.codec, label)] = _Method(
-            cfg.codec, label, metric_set, chunk_pixels, preset=cfg.preset, tune=cfg.tune or ""
+            cfg.codec, label, metric_set, chunk_pixels, preset=cfg.preset, tune=cfg.tune or None
         )
     sequences: list[dict[str, Any]] = []
     total = test_set.total_frames() * len(jobs)
@@ -1005,8 +1021,8 @@ def evaluate_anchors(
             sequences.append(seq.describe(gop))
             period = seq.gop(gop)
             frames = _u8_tensor(seq.frames)
-            # each encode holds the input, its YUV and the decoded frames as floats
-            per_job = seq.frames.nbytes * 10
+            # an encode holds RGB and YUV copies of the input and the decoded frames as floats
+            per_job = seq.frames.nbytes * 8
             limit = workers or os.cpu_count() or 1
             pool_size = max(1, min(len(jobs), limit, memory_budget // max(per_job, 1)))
             types = ["I" if i % period == 0 else "P" for i in range(seq.num_frames)]
@@ -1040,10 +1056,12 @@ def evaluate_anchors(
                     method.measure(seq, decoded, num_bytes, info)
                     bar.update(seq.num_frames)
     summaries: dict[str, dict[str, Any]] = {}
+    sources: dict[str, dict[str, Any]] = {}
     points = []
     for (codec, label), method in methods.items():
         summary = method.summary()
         summaries.setdefault(codec, {})[label] = summary
+        sources.setdefault(codec, {})[label] = method.source
         points.append(method.rd_point(summary))
     return EvaluationResult(
         point="baselines",
@@ -1054,6 +1072,7 @@ def evaluate_anchors(
         rows=[row for m in methods.values() for row in m.rows],
         points=points,
         sequences=sequences,
+        sources=sources,
     )
 
 
@@ -1125,8 +1144,9 @@ def write_evaluation(result: EvaluationResult, out_dir: str | os.PathLike[str]) 
     written: dict[str, Path] = {}
     for sub, suffix in (("by_method", ".csv"), ("gop_profile", ".csv"), ("images", ".png")):
         _clear_folder(out / sub, suffix)
-    write_json_atomic(out / "test_set.json", json_safe(result.sequences))
-    written["test_set"] = out / "test_set.json"
+    sources = {"sequences": result.sequences, "methods": result.sources}
+    write_json_atomic(out / "sources.json", json_safe(sources))
+    written["sources"] = out / "sources.json"
     written["frames"] = write_frame_rows_csv(result.rows, out / "frames.csv")
     for name, path in write_points(result.points, out).items():
         written[name if name in ("json", "csv") else f"by_method/{name}"] = path
