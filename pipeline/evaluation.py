@@ -1245,9 +1245,10 @@ def build_report(
     """RD plots, RD point files and a Markdown summary with BD-rates against ``reference``,
     from ``reports_dir/<quality>/points.json`` and ``reports_dir/baselines/points.json``.
 
-    Writes ``out_dir`` (default ``reports_dir/rd``): ``rd_<metric>.png`` for every metric
-    measured, ``points.json``, ``points.csv``, ``by_method/<method>.csv`` (one curve per
-    method across the qualities); and ``summary_path`` (default ``reports_dir/summary.md``).
+    Writes ``out_dir`` (default ``reports_dir/rd``): ``figures/rd_<metric>.png`` for every
+    metric measured, ``points.json``, ``points.csv``, ``by_method/<method>.csv`` (one curve
+    per method across the qualities); and ``summary_path`` (default
+    ``reports_dir/summary.md``).
     A missing input is listed in the summary; none at all is an error.
     """
     reports = Path(reports_dir)
@@ -1288,7 +1289,9 @@ def build_report(
         )
 
     plot_metrics = [m for m in _REPORT_METRICS if _metric_present(points, m)]
-    plots = plot_rd_all(points, out, metrics=plot_metrics)
+    _clear_folder(out / "figures", ".png")  # a metric or method may be gone since
+    _clear_folder(out / "by_method", ".csv")
+    plots = plot_rd_all(points, out / "figures", metrics=plot_metrics)
     files = {f"plot/{p.stem}": p for p in plots}
     for name, path in write_points(points, out).items():
         files[name if name in ("json", "csv") else f"by_method/{name}"] = path

@@ -2,7 +2,7 @@
 BD-rate summary against x265.
 
 Reads ``paths.reports/{<quality>...,baselines}/points.json``; writes ``paths.reports/rd/``
-(``rd_<metric>.png``, ``points.json``, ``points.csv``, ``by_method/<method>.csv``) and
+(``figures/rd_<metric>.png``, ``points.json``, ``points.csv``, ``by_method/<method>.csv``) and
 ``paths.reports/summary.md`` (:func:`pipeline.evaluation.build_report`). One MLflow run.
 """
 

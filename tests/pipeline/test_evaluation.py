@@ -430,7 +430,7 @@ def test_report_plots_and_bd_rate(tmp_path: Path) -> None:
     assert "DIFFERENT test sets" in text and "RANDOM backbones (lpips)" in text
     assert {p.name for p in report.plots} == {"rd_psnr_rgb.png", "rd_ms_ssim.png"}
     assert all(cv2.imread(str(p)) is not None for p in report.plots)
-    assert "![rd_psnr_rgb](rd/rd_psnr_rgb.png)" in text
+    assert "![rd_psnr_rgb](rd/figures/rd_psnr_rgb.png)" in text
     curve = read_csv(reports / "rd" / "by_method" / "plvc_gan.csv")
     assert [r["point"] for r in curve] == ["low", "medium", "high"]
     assert len(read_points_json(reports / "rd" / "points.json")) == 6

@@ -199,8 +199,8 @@ def test_report_stage_plots_and_summary(
     main(["--params", str(evaluated["path"])])
     reports = evaluated["reports"]
     for metric in ("psnr_rgb", "psnr_y", "tdiff_mae"):
-        assert cv2.imread(str(reports / "rd" / f"rd_{metric}.png")) is not None, metric
-    assert not (reports / "rd" / "rd_lpips.png").exists()
+        assert cv2.imread(str(reports / "rd" / "figures" / f"rd_{metric}.png")) is not None
+    assert not (reports / "rd" / "figures" / "rd_lpips.png").exists()
     assert (reports / "rd" / "by_method" / "plvc_gan.csv").is_file()
     summary = (reports / "summary.md").read_text()
     assert "medium/points.json" in summary and "high/points.json" in summary  # not run here
