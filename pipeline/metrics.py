@@ -188,16 +188,17 @@ def ms_ssim(x: Tensor, y: Tensor, scales: int | None = None) -> Tensor:
         )
     weights = MS_SSIM_WEIGHTS[:scales]
     betas = tuple(float(b / sum(weights)) for b in weights)
+    # float32: ~15x cheaper than float64 on CPU, within 1.5e-5 of it on 8-bit frames
     return multiscale_structural_similarity_index_measure(
-        y.double(),
-        x.double(),
+        y.float(),
+        x.float(),
         data_range=1.0,
         kernel_size=_MS_SSIM_WINDOW,
         sigma=1.5,
         betas=betas,
         normalize="relu",
         reduction="none",
-    )
+    ).double()
 
 
 def json_safe(obj: Any) -> Any:
