@@ -335,8 +335,8 @@ def run_training_stage(phase_name: str, params: Params, quality: str) -> dict[st
         mlflow.log_artifact(str(plot_file))
         log_json_artifact(metrics, "metrics.json")
         print(
-            f"[{run_name}] held-out ({heldout['clips']} clips, {phase.num_pframes}-frame "
-            f"training, 6 P-frames checked): {heldout['bpp']:.4f} bpp, {heldout['psnr']:.2f} dB "
+            f"[{run_name}] held-out ({heldout['clips']} clips, 6 P-frames; trained on "
+            f"{phase.num_pframes}): {heldout['bpp']:.4f} bpp, {heldout['psnr']:.2f} dB "
             f"(MLflow run {run.info.run_id})",
             flush=True,
         )

@@ -1,5 +1,6 @@
-"""PLVC's training phases (eqs. 4-6): Ray Train runs with 2 CPU workers chained single-P ->
-multi-P -> GAN on tiny models, and one-process checks of what each phase computes."""
+"""PLVC's training phases (eqs. 4-6): Ray Train runs with 2 CPU workers (single-P with its
+warm-up sub-phases, then GAN from its export; multi-P runs in the stage test) on tiny
+models, and one-process checks of what each phase computes."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import numpy as np
 import pytest
 import torch
@@ -104,9 +106,17 @@ def _changed(before: dict[str, torch.Tensor], module: torch.nn.Module) -> set[st
 # ----------------------------------------------------------------------------- with Ray
 
 
+@pytest.fixture
+def own_mlflow_store() -> Any:
+    """stage_run points MLflow (and MLFLOW_TRACKING_URI, which mlflow sets) at the test's
+    store; later tests must not inherit it."""
+    yield
+    mlflow.set_tracking_uri(None)
+
+
 @pytest.mark.ray
 def test_phases_chain_on_two_workers_and_export_loadable_weights(
-    tmp_path: Path, ray_local: None
+    tmp_path: Path, ray_local: None, own_mlflow_store: None
 ) -> None:
     import ray.data
 
@@ -119,35 +129,28 @@ def test_phases_chain_on_two_workers_and_export_loadable_weights(
     single = SinglePPhase(**common, flow_steps=1, mc_steps=1)
     first = run_phase(
         single, params, stage="train_single_p", run_name="single-low",
-        datasets=datasets, max_steps=4, init_weights=None, export_dir=models / "single_p",
+        datasets=datasets, max_steps=3, init_weights=None, export_dir=models / "single_p",
     )
-    assert first["steps"] == 4 and first["world_size"] == 2
+    assert first["steps"] == 3 and first["world_size"] == 2
     model, meta = load_weights(models / "single_p" / "generator.pt")
     assert meta.config == TINY and meta.extra["phase"] == "single_p"
     assert model.motion_entropy.is_updated()  # tables saved: the weights can code video
     assert {"train/warmup/full", "train/rate_bpp", "train/psnr"} <= set(first["final_metrics"])
 
-    # eq. 5 starts from the single-P export
+    # eq. 5 reads the single-P export (its Ray run is in the stage test)
     multi = MultiPPhase(**common, num_pframes=3)
     fresh = multi.build_models()
     multi.apply_init_weights(fresh, multi.read_init_weights(models / "single_p"))
     loaded = fresh.generator.plvc.state_dict()
     assert all(torch.equal(v, loaded[k]) for k, v in model.state_dict().items())
-    second = run_phase(
-        multi, params, stage="train_multi_p", run_name="multi-low", datasets=datasets,
-        max_steps=2, init_weights=models / "single_p", export_dir=models / "multi_p",
-    )
-    final = second["final_metrics"]
-    assert {f"train/rate_bpp/p{i}" for i in (1, 2, 3)} <= set(final)
-    assert {f"train/psnr/p{i}" for i in (1, 2, 3)} <= set(final)
-    load_weights(models / "multi_p" / "generator.pt")
 
-    # eq. 6 from the multi-P export, into an MLflow run
+    # eq. 6 (the same generator format: here straight from the single-P export), into an
+    # MLflow run
     gan = GanPhase(**common, num_pframes=3, discriminator=TINY_D, lr_d=1e-3)
     with stage_run("train_gan", params, run_name="train_gan-low") as run:
         third = run_phase(
             gan, params, stage="train_gan", run_name="gan-low", datasets=datasets,
-            max_steps=2, init_weights=models / "multi_p", export_dir=models / "gan",
+            max_steps=2, init_weights=models / "single_p", export_dir=models / "gan",
         )
     files = sorted(p.name for p in (models / "gan").iterdir())
     assert files == ["discriminator.pt", "generator.pt", "result.json"]

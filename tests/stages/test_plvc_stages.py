@@ -27,7 +27,17 @@ TRAIN_STEPS = 3
 
 
 @pytest.fixture
-def sample_with_iframes(write_params, tmp_path: Path, monkeypatch, ray_local: None) -> Path:
+def own_mlflow_store() -> Any:
+    """stage_run points MLflow (and MLFLOW_TRACKING_URI, which mlflow sets) at the test's
+    store; later tests must not inherit it."""
+    yield
+    mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture
+def sample_with_iframes(
+    write_params, tmp_path: Path, monkeypatch, ray_local: None, own_mlflow_store: None
+) -> Path:
     """The sample's shards and ``iframes/low`` coded with a tiny (untrained) HiFiC."""
     from pipeline.iframes import code_iframes
     from plvc.hific import HiFiC, HiFiCConfig, save_hific
@@ -113,10 +123,11 @@ def test_train_multi_p_stage_trains_exports_and_reports(sample_with_iframes: Pat
     assert {"train/rate_bpp/p2", "train/mse/p1", "train/psnr/p2", "heldout/bpp/p6"} <= logged
     images = {a.path for a in client.list_artifacts(run.info.run_id, "images")}
     assert any("temporal_profile" in p for p in images)
-    mlflow.set_tracking_uri(None)
 
 
-def test_stage_without_iframes_names_the_missing_stage(write_params) -> None:
+def test_stage_without_iframes_names_the_missing_stage(
+    write_params, own_mlflow_store: None
+) -> None:
     params_file = write_params()
     with pytest.raises(RunnerError, match=r"iframes/medium/manifest.json does not exist: run "
                                           r"the iframes stage"):
@@ -124,7 +135,7 @@ def test_stage_without_iframes_names_the_missing_stage(write_params) -> None:
 
 
 def test_official_gan_loss_without_backbone_fails_before_training(
-    write_params, tmp_path: Path
+    write_params, tmp_path: Path, own_mlflow_store: None
 ) -> None:
     params_file = write_params(**{"train.gan.loss": "official"})
     iframes = tmp_path / "data" / "iframes" / "low"
