@@ -47,6 +47,9 @@ __all__ = [
 
 PIPELINE_ID_ENV = "PLVC_PIPELINE_ID"
 _TAG = "plvc."
+# mlflow.set_tracking_uri() also writes MLFLOW_TRACKING_URI into the environment; remember
+# what we set so a later stage in the same process is not redirected by our own value
+_uri_we_set: str | None = None
 
 
 class TrackingUnavailableError(RuntimeError):
@@ -73,7 +76,7 @@ def repo_root() -> Path:
 def resolve_tracking_uri(params: Params | None = None) -> str:
     """``MLFLOW_TRACKING_URI`` > ``tracking.uri`` > ``sqlite:///<repo>/mlflow.db``."""
     env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
+    if env and env != _uri_we_set:
         return env
     if params is not None and params.tracking.uri:
         return params.tracking.uri
@@ -109,7 +112,9 @@ def configure_tracking(params: Params | None = None) -> str:
     uri = resolve_tracking_uri(params)
     timeout = params.tracking.connect_timeout_s if params else 5.0
     _check_reachable(uri, timeout)
+    global _uri_we_set
     mlflow.set_tracking_uri(uri)
+    _uri_we_set = uri
     experiment = params.tracking.experiment if params else "plvc"
     try:
         if uri.startswith("sqlite:") and mlflow.get_experiment_by_name(experiment) is None:

@@ -70,9 +70,11 @@ def test_unreachable_server_fails_fast(monkeypatch) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
     params = Params(tracking=TrackingConfig(connect_timeout_s=1.0))
     start = time.monotonic()
-    with pytest.raises(TrackingUnavailableError, match=f"127.0.0.1:{port} is unreachable"):
-        with stage_run("download", params):
-            pytest.fail("the stage body must not run")
+    with (
+        pytest.raises(TrackingUnavailableError, match=f"127.0.0.1:{port} is unreachable"),
+        stage_run("download", params),
+    ):
+        pytest.fail("the stage body must not run")
     assert time.monotonic() - start < 30
 
 
@@ -88,3 +90,15 @@ def test_env_uri_overrides_params(tmp_path: Path, monkeypatch, params: Params) -
 def test_pipeline_id_fresh_outside_dvc(monkeypatch) -> None:
     monkeypatch.delenv("PLVC_PIPELINE_ID", raising=False)
     assert pipeline_id() != pipeline_id()
+
+
+def test_second_stage_in_one_process_uses_its_own_store(tmp_path: Path, monkeypatch) -> None:
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI: it must not redirect a later stage."""
+    monkeypatch.setenv("PLVC_PIPELINE_ID", "two-stores")
+    first = Params(tracking=TrackingConfig(uri=f"sqlite:///{tmp_path / 'a.db'}"))
+    second = Params(tracking=TrackingConfig(uri=f"sqlite:///{tmp_path / 'b.db'}"))
+    with stage_run("download", first):
+        pass
+    with stage_run("shard", second) as run:
+        run_id = run.info.run_id
+    assert MlflowClient(tracking_uri=second.tracking.uri).get_run(run_id).info.run_id == run_id
