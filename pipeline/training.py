@@ -7,8 +7,10 @@ One stage execution (:func:`run_training_stage`):
 2. Ray (local, or the cluster of ``RAY_ADDRESS``/``ray.address``) and the training clips
    with their decoded I-frames (:func:`pipeline.iframes.read_training_clips` over
    ``paths.shards/train`` and ``paths.iframes/<q>/train``);
-3. :func:`pipeline.runner.run_phase` with run name ``<stage>-<q>`` (the same name resumes),
-   starting from the previous phase's export, exporting to ``paths.models/<q>/<phase>/``;
+3. :func:`pipeline.runner.run_phase` in the Ray run :func:`ray_run_name` (stage, quality
+   and a fingerprint of settings, seed, init weights and data: a re-run with the same ones
+   resumes), starting from the previous phase's export, exporting to
+   ``paths.models/<q>/<phase>/``;
 4. a held-out check of the exported generator on test clips (:func:`heldout_metrics`);
 5. ``paths.metrics/<q>/<stage>.json`` (DVC metrics: final training terms and the held-out
    check) and ``plots/<q>/<stage>.csv`` next to the metrics folder (DVC plots: the loss
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import math
 import os
@@ -40,6 +43,7 @@ __all__ = [
     "intra_spec",
     "loss_curves",
     "plots_dir",
+    "ray_run_name",
     "run_training_stage",
     "stage_metrics",
     "training_stage_main",
@@ -231,6 +235,44 @@ def loss_curves(
 # the stage
 
 
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def ray_run_name(
+    stage: str,
+    quality: str,
+    phase: PLVCPhase,
+    *,
+    init_weights: Path | None,
+    iframe_root: Path,
+    seed: int,
+) -> str:
+    """``<stage>-<quality>-<fingerprint>``: the Ray Train run a stage trains in.
+
+    The fingerprint covers everything that makes a checkpoint belong to this training: the
+    phase's settings, the seed, the previous phase's weights (their SHA-256) and the data
+    (the I-frame manifest, which records the shards' plans and the HiFiC weights' digest),
+    but not ``steps``. So re-running a killed stage resumes its run, raising ``steps``
+    continues it, and a change upstream (``dvc exp run -S train.gan.adversarial=false``,
+    retrained single-P weights, new I-frames) starts a fresh run instead of resuming or
+    re-exporting a stale one.
+    """
+    manifest = Path(iframe_root) / "manifest.json"
+    identity = {
+        "phase": phase.config(),
+        "seed": seed,
+        "init_weights": _file_digest(init_weights / "generator.pt") if init_weights else None,
+        "data": _file_digest(manifest) if manifest.is_file() else None,
+    }
+    blob = json.dumps(identity, sort_keys=True, default=str).encode()
+    return f"{stage}-{quality}-{hashlib.sha256(blob).hexdigest()[:10]}"
+
+
 def _logged_params(params: Params, phase: PLVCPhase, quality: str) -> dict[str, Any]:
     section = PHASE_STAGES[phase.name][1]
     logged: dict[str, Any] = {
@@ -267,7 +309,7 @@ def run_training_stage(phase_name: str, params: Params, quality: str) -> dict[st
     iframe_root = Path(paths.iframes) / quality
     name, config = intra_spec(iframe_root)
     phase = build_phase(phase_name, params, quality, intra_name=name, intra_config=config)
-    run_name = f"{stage}-{quality}"
+    mlflow_run_name = f"{stage}-{quality}"
     export_dir = Path(paths.models) / quality / phase_name
     init_weights = Path(paths.models) / quality / previous if previous else None
     if init_weights is not None and not (init_weights / "generator.pt").is_file():
@@ -275,11 +317,17 @@ def run_training_stage(phase_name: str, params: Params, quality: str) -> dict[st
             f"{init_weights / 'generator.pt'} does not exist: run "
             f"{PHASE_STAGES[previous][0]}@{quality} first"  # type: ignore[index]
         )
+    run_name = ray_run_name(
+        stage, quality, phase, init_weights=init_weights, iframe_root=iframe_root, seed=params.seed
+    )
     storage = resolve_storage_path(params.runner.storage_path, repo_root())
     ray_run_path = f"{storage.rstrip('/')}/{run_name}"
 
     with stage_run(
-        stage, params, logged_params=_logged_params(params, phase, quality), run_name=run_name
+        stage,
+        params,
+        logged_params=_logged_params(params, phase, quality),
+        run_name=mlflow_run_name,
     ) as run:
         # set now, not only at the end, so a killed stage's curves are found on resume
         mlflow.set_tag("plvc.ray_run_path", ray_run_path)

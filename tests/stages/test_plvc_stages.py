@@ -5,6 +5,7 @@ the files DVC tracks, the MLflow run, and the errors a user meets first."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -15,9 +16,9 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import load_params
-from pipeline.phases.plvc import SinglePPhase, model_config
+from pipeline.phases.plvc import MultiPPhase, SinglePPhase, model_config
 from pipeline.runner import RunnerError
-from pipeline.training import loss_curves, plots_dir
+from pipeline.training import loss_curves, plots_dir, ray_run_name
 from plvc.weights import load_weights
 from stages import download as download_stage
 from stages import shard as shard_stage
@@ -115,8 +116,10 @@ def test_train_multi_p_stage_trains_exports_and_reports(sample_with_iframes: Pat
     exp = client.get_experiment_by_name(params.tracking.experiment)
     (run,) = client.search_runs([exp.experiment_id], "tags.`plvc.dvc_stage` = 'train_multi_p'")
     assert run.info.run_name == "train_multi_p-low" and run.info.status == "FINISHED"
-    ray_run = Path(params.runner.storage_path) / "train_multi_p-low"
-    assert run.data.tags["plvc.ray_run_path"] == str(ray_run)
+    ray_run = Path(run.data.tags["plvc.ray_run_path"])
+    assert ray_run.parent == Path(params.runner.storage_path)
+    assert ray_run.name.startswith("train_multi_p-low-") and ray_run.is_dir()
+    assert result["ray_run_path"] == str(ray_run)
     assert run.data.tags["plvc.started_from_step"] == "0"
     assert run.data.params["train.multi_p.num_pframes"] == "2"
     logged = set(run.data.metrics)
@@ -171,3 +174,28 @@ def test_loss_curves_stitch_the_mlflow_runs_of_one_ray_run(tmp_path: Path) -> No
     assert columns == ["step", "loss"]
     assert [r["step"] for r in rows] == list(range(1, 10))
     assert [r["loss"] for r in rows] == [1, 2, 3, 4, 5, 206, 207, 208, 209]
+
+
+def test_ray_run_name_follows_settings_seed_weights_and_data(tmp_path: Path) -> None:
+    """Same settings: the same Ray run (a re-run resumes); any upstream change: a new one."""
+    phase = MultiPPhase(crop=64, num_pframes=2)
+    init = tmp_path / "single_p"
+    init.mkdir()
+    (init / "generator.pt").write_bytes(b"weights v1")
+    data = tmp_path / "iframes"
+    data.mkdir()
+    (data / "manifest.json").write_text('{"codec": {"name": "hific"}}')
+
+    def name(p: MultiPPhase = phase, seed: int = 0) -> str:
+        return ray_run_name("train_multi_p", "low", p, init_weights=init, iframe_root=data,
+                            seed=seed)
+
+    first = name()
+    assert first.startswith("train_multi_p-low-") and name() == first
+    assert name(dataclasses.replace(phase, lr=1e-5)) != first
+    assert name(seed=1) != first
+    (init / "generator.pt").write_bytes(b"weights v2")
+    second = name()
+    assert second != first
+    (data / "manifest.json").write_text('{"codec": {"name": "hific", "weights": "other"}}')
+    assert name() not in (first, second)
