@@ -41,6 +41,7 @@ __all__ = [
     "clip_rng",
     "decode_png_rgb",
     "frames_to_tensor",
+    "read_encoded_septuplets_ray",
     "read_septuplets_ray",
 ]
 
@@ -297,6 +298,30 @@ def read_septuplets_ray(
         },
         udf_modifying_row_count=False,
     )
+
+
+def read_encoded_septuplets_ray(
+    shard_dir: str | os.PathLike[str] | Sequence[str],
+    *,
+    filesystem: pafs.FileSystem | None = None,
+) -> ray.data.Dataset:
+    """One split's shards as a Ray Dataset of still-encoded clips:
+    ``{"clip_id": str, "height": int, "width": int, "frames": the seven PNGs as bytes}``.
+
+    For training code that uses a few frames of each clip (HiFiC draws one image per clip
+    per step): it decodes only those, with :func:`decode_png_rgb`, where decoding all seven
+    in the reader would spend 7x the PNG work (PNG decoding dominates reading, see
+    ``benchmarks/shard_io.py``). Arguments as :func:`read_septuplets_ray`.
+    """
+    import ray.data
+
+    if isinstance(shard_dir, str | os.PathLike):
+        paths: str | list[str] = _absolute(os.fspath(shard_dir))
+        if not _is_uri(paths):
+            _refuse_shard_root(paths)
+    else:
+        paths = [_absolute(os.fspath(p)) for p in shard_dir]
+    return ray.data.read_parquet(paths, filesystem=filesystem).select_columns(_READ_COLUMNS)
 
 
 def _absolute(path: str) -> str:

@@ -8,11 +8,13 @@ NeurIPS 2020, section 4 "Training"), as :class:`~pipeline.runner.TrainingPhase` 
   the conditional discriminator D(x, ŷ) on real and fake images in one batch (non-saturating
   ``−log D(x) − log(1 − D(x̂))``), then one generator step with D frozen.
 
-Data: whole septuplets from the shards (:func:`pipeline.datasets.read_septuplets_ray` with
-``crop=None``). Every frame is a usable training image: each step draws ``frames_per_clip``
-distinct frames of each clip and cuts an independent random ``crop`` x ``crop`` window (and
-flip) from each, so ``batch_size`` clips give ``batch_size * frames_per_clip`` independent
-images. The draws use the worker's torch RNG, which checkpoints restore, so a resumed run
+Data: still-encoded septuplets from the shards
+(:func:`pipeline.datasets.read_encoded_septuplets_ray`; decoded clips from
+:func:`~pipeline.datasets.read_septuplets_ray` work too). Every frame is a usable training
+image: each step draws ``frames_per_clip`` distinct frames of each clip, decodes only those
+(decoding all seven in the reader made the sample run wait on data 75% of the time), and cuts
+an independent random ``crop`` x ``crop`` window (and flip) from each, so ``batch_size``
+clips give ``batch_size * frames_per_clip`` independent images. The draws use the worker's torch RNG, which checkpoints restore, so a resumed run
 continues exactly; and they are fresh every step, where crops fixed per clip by the reader
 (its ``epoch`` argument) would repeat the same windows in every epoch. With
 ``frames_per_clip = 7`` the batch holds all frames of each clip.
@@ -45,7 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.config import ConfigError, Params
-from pipeline.datasets import frames_to_tensor
+from pipeline.datasets import decode_png_rgb, frames_to_tensor
 from pipeline.runner import (
     DataError,
     PhaseModels,
@@ -149,6 +151,20 @@ def build_lpips(trunk: Mapping[str, Tensor]) -> nn.Module:
 # phases
 
 
+def _is_encoded(clip: Any) -> bool:
+    """A clip given as its PNG files' bytes (not decoded pixels)."""
+    if isinstance(clip, np.ndarray) and clip.dtype != object:
+        return False
+    return len(clip) > 0 and isinstance(clip[0], bytes | bytearray | memoryview)
+
+
+def _decode_frame(png: Any, where: str, t: int) -> np.ndarray:
+    try:
+        return decode_png_rgb(png)
+    except ValueError as exc:
+        raise DataError(f"{where}, frame im{t + 1}.png: {exc}") from exc
+
+
 @dataclasses.dataclass
 class HiFiCWarmupPhase(TrainingPhase):
     """HiFiC without D: rate (target switching) + k_M·MSE + k_P·LPIPS.
@@ -222,32 +238,42 @@ class HiFiCWarmupPhase(TrainingPhase):
     # -- one iteration --------------------------------------------------------------------
 
     def prepare_batch(self, rows: Mapping[str, np.ndarray], device: torch.device) -> Tensor:
-        """``frames`` uint8 [B, T, H, W, 3] (or B arrays [T, H, W, 3] of several sizes) ->
-        ``frames_per_clip`` random frames per clip, each randomly cropped (and flipped), as
-        float images [B * frames_per_clip, 3, crop, crop] in [0, 1] on ``device``."""
+        """``frames`` of B clips -> ``frames_per_clip`` random frames per clip, each randomly
+        cropped (and flipped), as float images [B * frames_per_clip, 3, crop, crop] in [0, 1]
+        on ``device``.
+
+        ``frames`` is either decoded (uint8 [B, T, H, W, 3], or B arrays [T, H, W, 3] of
+        several sizes) or still encoded (B sequences of T PNGs, from
+        :func:`pipeline.datasets.read_encoded_septuplets_ray`), in which case only the drawn
+        frames are decoded. Both give the same images for the same RNG state.
+        """
         frames = rows.get("frames")
         if frames is None or not (frames.ndim == 5 or frames.dtype == object):
             shape = None if frames is None else frames.shape
             raise DataError(f"phase {self.name!r}: expected 'frames' [B, T, H, W, 3], got {shape}")
+        clip_ids = rows.get("clip_id")
         images = []
-        for clip in frames:
-            if clip.ndim != 4 or clip.shape[-1] != 3 or clip.dtype != np.uint8:
+        for index, clip in enumerate(frames):
+            where = f"clip {clip_ids[index]}" if clip_ids is not None else f"batch row {index}"
+            encoded = _is_encoded(clip)
+            if not encoded and (clip.ndim != 4 or clip.shape[-1] != 3 or clip.dtype != np.uint8):
                 raise DataError(
-                    f"phase {self.name!r}: a clip must be uint8 [T, H, W, 3], got "
-                    f"{clip.dtype} {clip.shape}"
-                )
-            steps, height, width = clip.shape[:3]
-            if height < self.crop or width < self.crop:
-                raise DataError(
-                    f"phase {self.name!r}: frames of {width}x{height} are smaller than the "
-                    f"{self.crop}x{self.crop} crop (hific.crop)"
+                    f"phase {self.name!r}: {where} must be uint8 [T, H, W, 3] or a sequence "
+                    f"of PNGs, got {clip.dtype} {clip.shape}"
                 )
             # the worker's torch RNG: seeded per rank and restored on resume
-            chosen = torch.rand(steps).argsort()[: self.frames_per_clip].tolist()
+            chosen = torch.rand(len(clip)).argsort()[: self.frames_per_clip].tolist()
             for t in chosen:
+                image = _decode_frame(clip[t], where, t) if encoded else clip[t]
+                height, width = image.shape[:2]
+                if height < self.crop or width < self.crop:
+                    raise DataError(
+                        f"phase {self.name!r}: frames of {width}x{height} are smaller than the "
+                        f"{self.crop}x{self.crop} crop (hific.crop)"
+                    )
                 top = int(torch.randint(0, height - self.crop + 1, ()))
                 left = int(torch.randint(0, width - self.crop + 1, ()))
-                image = clip[t, top : top + self.crop, left : left + self.crop]
+                image = image[top : top + self.crop, left : left + self.crop]
                 if self.random_flip and bool(torch.rand(()) < 0.5):
                     image = image[:, ::-1]
                 images.append(image)

@@ -17,6 +17,7 @@ from pipeline.datasets import (
     clip_rng,
     decode_png_rgb,
     frames_to_tensor,
+    read_encoded_septuplets_ray,
     read_septuplets_ray,
 )
 
@@ -187,11 +188,23 @@ def test_ray_reader_gives_the_same_clips_and_crops_as_the_torch_reader(
     whole = read_septuplets_ray(
         split, crop=None, random_flip=False, seed=0, with_clip_id=False, batch_size=4
     )
+    whole_with_ids = read_septuplets_ray(split, crop=None, random_flip=False, seed=0)
     batch = next(iter(whole.iter_torch_batches(batch_size=len(TRAIN_IDS))))
     assert list(batch) == ["frames"]
     assert batch["frames"].shape == (len(TRAIN_IDS), 7, FRAME_H, FRAME_W, 3)
     with pytest.raises(ValueError, match="pass one of them"):
         read_septuplets_ray(septuplet_shards, crop=None, random_flip=False, seed=0)
+
+    # the encoded reader: the same clips, each frame's PNG bytes as the shard stores them
+    encoded = {row["clip_id"]: row for row in read_encoded_septuplets_ray(split).take_all()}
+    assert sorted(encoded) == sorted(TRAIN_IDS)
+    decoded = {row["clip_id"]: row["frames"] for row in whole_with_ids.take_all()}
+    for clip_id, row in encoded.items():
+        assert (row["height"], row["width"]) == (FRAME_H, FRAME_W) and len(row["frames"]) == 7
+        for t, png in enumerate(row["frames"]):
+            np.testing.assert_array_equal(decode_png_rgb(png), decoded[clip_id][t])
+    with pytest.raises(ValueError, match="pass one of them"):
+        read_encoded_septuplets_ray(septuplet_shards)
 
 
 def test_clip_rng_is_stable_across_processes() -> None:

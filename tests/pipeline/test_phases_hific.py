@@ -7,6 +7,7 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -113,6 +114,43 @@ def test_each_image_gets_its_own_random_window_and_flip() -> None:
     small = HiFiCWarmupPhase(TINY, LOSS, crop=128)
     with pytest.raises(DataError, match=r"smaller than the 128x128 crop \(hific\.crop\)"):
         small.prepare_batch(_rows(size=64), torch.device("cpu"))
+
+
+def _encoded(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The rows as the encoded reader gives them: per clip an object array of 7 PNGs."""
+    clips = np.empty(len(rows["frames"]), dtype=object)
+    for c, clip in enumerate(rows["frames"]):
+        pngs = np.empty(len(clip), dtype=object)
+        pngs[:] = [cv2.imencode(".png", frame[..., ::-1])[1].tobytes() for frame in clip]
+        clips[c] = pngs
+    return {**rows, "frames": clips}
+
+
+def test_encoded_clips_give_the_same_images_and_decode_only_the_drawn_frames(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rows = _rows(clips=3, size=128)
+    encoded = _encoded(rows)
+    phase = HiFiCWarmupPhase(TINY, LOSS, frames_per_clip=2, crop=64, random_flip=True)
+    cpu = torch.device("cpu")
+    for seed in range(3):
+        torch.manual_seed(seed)
+        decoded_batch = phase.prepare_batch(rows, cpu)
+        torch.manual_seed(seed)
+        assert torch.equal(phase.prepare_batch(encoded, cpu), decoded_batch)
+
+    import pipeline.phases.hific as hific_phase
+
+    calls = []
+    real = hific_phase.decode_png_rgb
+    monkeypatch.setattr(hific_phase, "decode_png_rgb", lambda png: calls.append(1) or real(png))
+    phase.prepare_batch(encoded, cpu)
+    assert len(calls) == 3 * 2  # two drawn frames of each of the three clips, not all 21
+
+    broken = _encoded(rows)
+    broken["frames"][1] = np.array([b"not a png"] * 7, dtype=object)
+    with pytest.raises(DataError, match=r"clip c/1, frame im\d\.png: not a decodable image"):
+        phase.prepare_batch(broken, cpu)
 
 
 def test_warmup_step_logs_the_rate_distortion_terms_and_trains_the_quantiles() -> None:
