@@ -15,6 +15,7 @@ Checkpoint layout (one directory per checkpoint, written by rank 0)::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -34,6 +35,8 @@ __all__ = [
     "MetricAverager",
     "MlflowSink",
     "capture_rng_state",
+    "file_sha256",
+    "fingerprinted_run_name",
     "image_grid",
     "read_checkpoint_meta",
     "resolve_storage_path",
@@ -42,6 +45,28 @@ __all__ = [
     "to_uint8_image",
     "unwrap",
 ]
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fingerprinted_run_name(prefix: str, identity: Mapping[str, Any]) -> str:
+    """``<prefix>-<10 hex digits>``: a Ray Train run name that changes with ``identity``.
+
+    ``identity`` holds what makes a checkpoint belong to a training (phase settings, seed,
+    digests of the init weights and data), but not the step budget. Re-running a killed
+    stage then resumes its run and raising the steps continues it, while a changed setting
+    or upstream output (``dvc exp run -S ...``) starts a fresh run, where one shared name
+    would resume a run trained otherwise (which the runner refuses).
+    """
+    blob = json.dumps(identity, sort_keys=True, default=str).encode()
+    return f"{prefix}-{hashlib.sha256(blob).hexdigest()[:10]}"
+
 
 #: bumped when the checkpoint layout changes incompatibly
 CHECKPOINT_FORMAT = 1

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
 import math
 import os
@@ -37,6 +36,7 @@ import torch
 from pipeline.config import QUALITIES, Params, load_params
 from pipeline.phases.plvc import PHASE_STAGES, PLVCPhase, build_phase
 from pipeline.runner import RunnerError
+from pipeline.runner_utils import file_sha256, fingerprinted_run_name
 
 __all__ = [
     "heldout_metrics",
@@ -235,14 +235,6 @@ def loss_curves(
 # the stage
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def ray_run_name(
     stage: str,
     quality: str,
@@ -266,11 +258,10 @@ def ray_run_name(
     identity = {
         "phase": phase.config(),
         "seed": seed,
-        "init_weights": _file_digest(init_weights / "generator.pt") if init_weights else None,
-        "data": _file_digest(manifest) if manifest.is_file() else None,
+        "init_weights": file_sha256(init_weights / "generator.pt") if init_weights else None,
+        "data": file_sha256(manifest) if manifest.is_file() else None,
     }
-    blob = json.dumps(identity, sort_keys=True, default=str).encode()
-    return f"{stage}-{quality}-{hashlib.sha256(blob).hexdigest()[:10]}"
+    return fingerprinted_run_name(f"{stage}-{quality}", identity)
 
 
 def _logged_params(params: Params, phase: PLVCPhase, quality: str) -> dict[str, Any]:

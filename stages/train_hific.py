@@ -13,7 +13,9 @@ With ``hific.gan_steps: 0`` the warm-up exports straight to ``paths.models/<q>/h
 copied to ``paths.models/<q>/hific/`` instead of training. Either way the folder holds
 ``hific.pt`` and ``result.json``; ``paths.metrics/<q>/train_hific.json`` holds the final
 training metrics (bpp, MSE, PSNR, D terms). Re-running continues the Ray Train runs from
-their checkpoints under ``runner.storage_path``.
+their checkpoints under ``runner.storage_path``: the Ray run names carry a fingerprint of the
+phase's settings, the seed, the shards' manifest and the warm-up weights, so a changed setting
+(``dvc exp run -S hific.lr=...``) starts fresh runs instead.
 """
 
 from __future__ import annotations
@@ -170,11 +172,13 @@ def _train(
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from pipeline.datasets import read_septuplets_ray
+    from pipeline.datasets import read_encoded_septuplets_ray
     from pipeline.ray_cluster import init_ray, shutdown_ray
     from pipeline.runner import run_phase
+    from pipeline.runner_utils import file_sha256, fingerprinted_run_name
 
     cfg = params.hific
+    shard_manifest = shard_dir.parent / "manifest.json"
     stage_run_id = mlflow.active_run().info.run_id
     tags = {
         k: v
@@ -183,10 +187,9 @@ def _train(
     }
     started_ray = init_ray(params) != "existing"
     try:
-        # whole clips: the phases cut a fresh window from each drawn frame every step
-        datasets = {
-            "train": read_septuplets_ray(shard_dir, crop=None, random_flip=False, seed=params.seed)
-        }
+        # encoded clips: the phases decode only the frames they draw, and cut a fresh window
+        # from each every step
+        datasets = {"train": read_encoded_septuplets_ray(shard_dir)}
         runs = [("warmup", warmup, cfg.warmup_steps)]
         if gan is not None:
             runs.append(("gan", gan, cfg.gan_steps))
@@ -195,15 +198,23 @@ def _train(
         for phase_name, phase, steps in runs:
             last = phase_name == runs[-1][0]
             export_dir = out_dir if last else params.paths.models / quality / "hific_warmup"
-            run_name = f"{STAGE}-{quality}-{phase_name}"
+            mlflow_name = f"{STAGE}-{quality}-{phase_name}"
+            # the Ray run resumes only a training of the same settings, seed and inputs
+            identity = {
+                "phase": phase.config(),
+                "seed": params.seed,
+                "data": file_sha256(shard_manifest) if shard_manifest.is_file() else None,
+                "init_weights": file_sha256(init_weights / "hific.pt") if init_weights else None,
+            }
+            ray_name = fingerprinted_run_name(mlflow_name, identity)
             # one nested MLflow run per Ray Train run: each phase's curves start at step 1
             phase_tags = {**tags, "plvc.role": "phase", "plvc.phase": phase.name}
-            with mlflow.start_run(run_name=run_name, nested=True, tags=phase_tags):
+            with mlflow.start_run(run_name=mlflow_name, nested=True, tags=phase_tags):
                 results[phase_name] = run_phase(
                     phase,
                     params,
                     stage=STAGE,
-                    run_name=run_name,
+                    run_name=ray_name,
                     datasets=datasets,
                     max_steps=steps,
                     init_weights=init_weights,

@@ -4,6 +4,7 @@ CPU workers, exported weights, I-frames aligned with the shards, metrics and MLf
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +60,8 @@ def test_train_hific_then_iframes_on_the_sample(
     assert model.config == HiFiCConfig.tiny() and meta["phase"] == "hific_gan"
     result = json.loads((final / "result.json").read_text())
     assert result["steps"] == 2 and result["world_size"] == 2
-    assert result["run_name"] == "train_hific-low-gan"
+    # Ray run names carry the settings' fingerprint (MLflow's phase runs keep short names)
+    assert re.fullmatch(r"train_hific-low-gan-[0-9a-f]{10}", result["run_name"])
     warm = json.loads((params.paths.models / "low/hific_warmup/result.json").read_text())
     assert warm["steps"] == 4 and warm["phase"] == "hific_warmup"
     metrics = json.loads((params.paths.metrics / "low/train_hific.json").read_text())
@@ -82,6 +84,16 @@ def test_train_hific_then_iframes_on_the_sample(
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/bpp")]
         assert steps == ([2, 4] if run.info.run_name.endswith("warmup") else [2])
     assert stage_run.data.metrics["gan/steps"] == 2
+    runs = sorted(p.name for p in (tmp_path / "ray").iterdir())
+    assert [name.rsplit("-", 1)[0] for name in runs] == [
+        "train_hific-low-gan",
+        "train_hific-low-warmup",
+    ]
+    # a plain re-run finds both runs finished: it re-exports, trains nothing, starts no run
+    stamp = (final / "hific.pt").read_bytes()
+    train_hific_stage.main(argv)
+    assert sorted(p.name for p in (tmp_path / "ray").iterdir()) == runs
+    assert (final / "hific.pt").read_bytes() == stamp
 
     # --- iframes: one row per clip, aligned with the shards, pixels = decode(bitstream)
     iframes_stage.main(argv)
