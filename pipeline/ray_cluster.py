@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pipeline.config import Params
 
-__all__ = ["init_ray", "shutdown_ray"]
+__all__ = ["init_ray", "quiet_placement_group_cleaner", "shutdown_ray"]
 
 # Ray records the last local cluster here; a stale copy makes the next start or
 # `ray job submit` try to join a dead cluster.
@@ -36,8 +36,24 @@ def init_ray(params: Params | None = None, *, num_cpus: int | None = None) -> st
         _node_ip_address="127.0.0.1",
         log_to_driver=True,
         configure_logging=True,
+        runtime_env={"worker_process_setup_hook": quiet_placement_group_cleaner},
     )
     return "local"
+
+
+def quiet_placement_group_cleaner() -> None:
+    """Worker set-up hook of the local Ray (no dashboard, so no state API).
+
+    Ray Train V2's PlacementGroupCleaner asks the state API every second whether the
+    controller is alive and, without a dashboard, warns each time; a local cluster is shut
+    down with the stage, so there is nothing for it to clean. A dashboard would cost ~2 s per
+    stage start on the sample.
+    """
+    import logging
+
+    logging.getLogger(
+        "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+    ).setLevel(logging.ERROR)
 
 
 def shutdown_ray() -> None:

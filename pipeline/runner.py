@@ -56,6 +56,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import re
 import shutil
@@ -107,6 +108,10 @@ __all__ = [
     "run_phase",
     "save_checkpoint",
 ]
+
+# Ray Train V2 routes a worker's print() to its logger AND, when something has wrapped
+# sys.stdout, to the stream as well, so each line reached the driver twice: workers log.
+_worker_log = logging.getLogger("pipeline.runner")
 
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]*$")
 
@@ -658,7 +663,7 @@ def _train_worker_inner(config: dict[str, Any]) -> dict[str, Any]:
         else:
             seed_everything(seed + 1_000_003 * (rank + 1) + start_step)
         if is_main:
-            print(f"[{run_name}] resuming from the checkpoint of step {start_step}", flush=True)
+            _worker_log.info("[%s] resuming from the checkpoint of step %d", run_name, start_step)
     else:
         if config["init_weights"] is not None:
             phase.apply_init_weights(models, ray.get(config["init_weights"]))
@@ -757,9 +762,13 @@ def _train_worker_inner(config: dict[str, Any]) -> dict[str, Any]:
                         for k, v in metrics.items()
                         if k.startswith("train/") and "grad_norm" not in k
                     )
-                    print(
-                        f"[{run_name}] step {step}/{max_steps} {shown} {clips_total:.1f} clips/s",
-                        flush=True,
+                    _worker_log.info(
+                        "[%s] step %d/%d %s %.1f clips/s",
+                        run_name,
+                        step,
+                        max_steps,
+                        shown,
+                        clips_total,
                     )
                 window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
 
@@ -1039,6 +1048,10 @@ def run_phase(
         init_ray(params)
         if init_weights is not None and previous is None:
             init_ref = ray.put(state)
+        for dataset in datasets.values():
+            # the step lines are a run's progress; Ray Data's per-operator bars, drawn inside
+            # the Train actors, reach the driver's log as screens of terminal redraws
+            dataset.context.enable_progress_bars = False
         resources = {"CPU": cfg.cpus_per_worker}
         if cfg.use_gpu:
             resources["GPU"] = cfg.gpus_per_worker
