@@ -84,11 +84,13 @@ __all__ = [
     "MetricSet",
     "MissingWeightsError",
     "bits_per_pixel",
+    "build_lpips",
     "default_alexnet_path",
     "default_inception_path",
     "frechet_distance",
     "from_json_safe",
     "json_safe",
+    "load_lpips_trunk",
     "ms_ssim",
     "ms_ssim_scales",
     "psnr",
@@ -269,50 +271,73 @@ def _resolve_weights(explicit: Path | str | None, cached: Path, param: str, what
     )
 
 
-def _load_lpips(path: Path | None, seed: int) -> nn.Module:
-    """LPIPS(alex, v0.1) with the trunk from ``path`` (torchvision AlexNet state dict) or random."""
+def load_lpips_trunk(path: str | Path | None, param: str) -> dict[str, Tensor]:
+    """The five AlexNet convs of LPIPS(alex), read from a torchvision AlexNet state dict.
+
+    Returns the state dict of ``lpips.LPIPS(net="alex").net`` (keys ``sliceK.<i>.*``): small
+    enough to travel with a pickled training phase, so Ray workers need not see ``path``.
+    Raises :class:`MissingWeightsError` naming ``param`` when the path is unset, missing,
+    unreadable or not AlexNet's. The one LPIPS loader of the project (evaluation, HiFiC's and
+    PLVC's training losses).
+    """
+    if path is None:
+        raise MissingWeightsError(
+            f"{param} is not set, but LPIPS needs AlexNet weights: set it to a torchvision "
+            f"AlexNet state dict ({_ALEXNET_FILE})"
+        )
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise MissingWeightsError(
+            f"{param} = {str(path)!r}: no such file (AlexNet weights for LPIPS)"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise MissingWeightsError(
+            f"{param} = {str(path)!r}: cannot read AlexNet weights: {exc}"
+        ) from exc
+    if not isinstance(state, Mapping):
+        raise MissingWeightsError(f"{param} = {str(path)!r}: not a state dict")
+    out = {}
+    for key, own in _lpips_alex(seed=0).net.state_dict().items():
+        source = "features." + key.split(".", 1)[1]  # slice2.3.weight <- features.3.weight
+        value = state.get(source)
+        if not isinstance(value, Tensor) or value.shape != own.shape:
+            raise MissingWeightsError(
+                f"{param} = {str(path)!r}: not a torchvision AlexNet state dict "
+                f"({source} missing or of the wrong shape)"
+            )
+        out[key] = value.float()
+    return out
+
+
+def build_lpips(trunk: Mapping[str, Tensor] | None = None, *, seed: int = 0) -> nn.Module:
+    """Frozen LPIPS(alex, v0.1) with the AlexNet ``trunk`` (:func:`load_lpips_trunk`), or a
+    trunk randomly initialised from ``seed`` when None (code-path tests only: not the metric).
+    The linear v0.1 heads ship inside the ``lpips`` package."""
+    model = _lpips_alex(seed)
+    if trunk is not None:
+        model.net.load_state_dict(dict(trunk))
+    return model.eval().requires_grad_(False)
+
+
+def _lpips_alex(seed: int) -> nn.Module:
     import lpips
 
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         # lpips 0.1.4 still calls torchvision's deprecated ``pretrained=`` argument
-        warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
+        warnings.filterwarnings("ignore", category=UserWarning)
         torch.manual_seed(seed)
         # pnet_rand=True: build the trunk without lpips asking torchvision to download it
-        model = lpips.LPIPS(
+        return lpips.LPIPS(
             net="alex", version="0.1", pretrained=True, pnet_rand=True, verbose=False
         )
-    if path is not None:
-        param = "evaluate.lpips_backbone"
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise MissingWeightsError(
-                f"{param} = {str(path)!r}: cannot read AlexNet weights: {exc}"
-            ) from exc
-        features = {
-            k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")
-        }
-        trunk = model.net
-        loaded = 0
-        for slice_ in (trunk.slice1, trunk.slice2, trunk.slice3, trunk.slice4, trunk.slice5):
-            for index, layer in slice_.named_children():
-                own = layer.state_dict()
-                if not own:
-                    continue
-                sub = {name: features.get(f"{index}.{name}") for name in own}
-                missing = [n for n, v in sub.items() if v is None or v.shape != own[n].shape]
-                if missing:
-                    raise MissingWeightsError(
-                        f"{param} = {str(path)!r}: not a torchvision AlexNet state dict "
-                        f"(features.{index}.{missing[0]} missing or of the wrong shape)"
-                    )
-                layer.load_state_dict(sub)
-                loaded += 1
-        if loaded != 5:
-            raise MissingWeightsError(
-                f"{param} = {str(path)!r}: expected 5 AlexNet convs, loaded {loaded}"
-            )
-    return model.eval().requires_grad_(False)
+
+
+def _load_lpips(path: Path | None, seed: int) -> nn.Module:
+    """LPIPS for evaluation: the trunk from ``path`` (``evaluate.lpips_backbone``) or random."""
+    trunk = load_lpips_trunk(path, "evaluate.lpips_backbone") if path is not None else None
+    return build_lpips(trunk, seed=seed)
 
 
 def _load_inception(path: Path | None, seed: int) -> nn.Module:

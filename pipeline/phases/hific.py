@@ -14,10 +14,11 @@ Data: still-encoded septuplets from the shards
 image: each step draws ``frames_per_clip`` distinct frames of each clip, decodes only those
 (decoding all seven in the reader made the sample run wait on data 75% of the time), and cuts
 an independent random ``crop`` x ``crop`` window (and flip) from each, so ``batch_size``
-clips give ``batch_size * frames_per_clip`` independent images. The draws use the worker's torch RNG, which checkpoints restore, so a resumed run
-continues exactly; and they are fresh every step, where crops fixed per clip by the reader
-(its ``epoch`` argument) would repeat the same windows in every epoch. With
-``frames_per_clip = 7`` the batch holds all frames of each clip.
+clips give ``batch_size * frames_per_clip`` independent images. The draws use the worker's
+torch RNG, which checkpoints restore, so a resumed run continues exactly; and they are fresh
+every step, where crops fixed per clip by the reader (its ``epoch`` argument) would repeat
+the same windows in every epoch. With ``frames_per_clip = 7`` the batch holds all frames of
+each clip.
 
 The loss's own warm-up schedule (the release's first 50k steps: raised rate target, halved
 rate weight; :class:`~plvc.hific_losses.HiFiCLossWeights`) counts the steps of both phases
@@ -25,9 +26,9 @@ rate weight; :class:`~plvc.hific_losses.HiFiCLossWeights`) counts the steps of b
 
 LPIPS (``k_p > 0``) needs AlexNet weights that cannot be downloaded here:
 ``hific.lpips_backbone`` names a torchvision AlexNet state dict (``alexnet-owt-*.pth``);
-:meth:`HiFiCWarmupPhase.load_lpips` reads and checks it on the driver before Ray starts and
-ships the trunk to the workers with the phase. The linear LPIPS v0.1 heads ship with the
-``lpips`` package.
+:meth:`HiFiCWarmupPhase.load_lpips` reads and checks it on the driver before Ray starts
+(:func:`pipeline.metrics.load_lpips_trunk`) and ships the trunk to the workers with the phase.
+The linear LPIPS v0.1 heads ship with the ``lpips`` package.
 
 Export: ``hific.pt`` (:func:`plvc.hific.save_hific`, entropy-coder tables refreshed), which
 ``load_hific``, the registered ``"hific"`` intra codec and the ``iframes`` stage read; the GAN
@@ -37,7 +38,6 @@ phase adds ``discriminator.pt`` (a state dict) so a later run can continue it.
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -48,6 +48,7 @@ from torch import Tensor, nn
 
 from pipeline.config import ConfigError, Params
 from pipeline.datasets import decode_png_rgb, frames_to_tensor
+from pipeline.metrics import build_lpips, load_lpips_trunk
 from pipeline.runner import (
     DataError,
     PhaseModels,
@@ -65,9 +66,7 @@ __all__ = [
     "LPIPS_PARAM",
     "HiFiCGANPhase",
     "HiFiCWarmupPhase",
-    "build_lpips",
     "hific_phases",
-    "load_lpips_trunk",
 ]
 
 #: the param naming the AlexNet weights LPIPS needs
@@ -86,65 +85,6 @@ _LOGGED_TERMS = (
     "weighted_rate",
     "weighted_mse",
 )
-
-
-# ---------------------------------------------------------------------------------------
-# LPIPS
-
-
-def load_lpips_trunk(path: str | Path | None, param: str = LPIPS_PARAM) -> dict[str, Tensor]:
-    """The five AlexNet convs LPIPS uses, from a torchvision AlexNet state dict.
-
-    Returns the state dict of ``lpips.LPIPS(net="alex").net`` (keys ``sliceK.<i>.*``).
-    Raises :class:`~pipeline.config.ConfigError` naming ``param`` when the path is unset,
-    missing, unreadable or not AlexNet's.
-    """
-    if path is None:
-        raise ConfigError(
-            f"{param} is not set, but LPIPS (k_p > 0) needs AlexNet weights: set it to a "
-            "torchvision AlexNet state dict (alexnet-owt-7be5be79.pth), or set k_p: 0"
-        )
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"{param} = {str(path)!r}: no such file (AlexNet weights for LPIPS)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ConfigError(f"{param} = {str(path)!r}: cannot read AlexNet weights: {exc}") from exc
-    if not isinstance(state, Mapping):
-        raise ConfigError(f"{param} = {str(path)!r}: not a state dict")
-    trunk = _lpips_module().net.state_dict()
-    out = {}
-    for key, own in trunk.items():
-        source = "features." + key.split(".", 1)[1]  # slice2.3.weight <- features.3.weight
-        value = state.get(source)
-        if not isinstance(value, Tensor) or value.shape != own.shape:
-            raise ConfigError(
-                f"{param} = {str(path)!r}: not a torchvision AlexNet state dict "
-                f"({source} missing or of the wrong shape)"
-            )
-        out[key] = value.float()
-    return out
-
-
-def _lpips_module() -> nn.Module:
-    import lpips
-
-    with warnings.catch_warnings():
-        # lpips 0.1.4 still calls torchvision's deprecated ``pretrained=`` argument
-        warnings.filterwarnings("ignore", category=UserWarning)
-        # pnet_rand=True: no download of the trunk (it is loaded from the param's file);
-        # pretrained=True: the v0.1 linear heads shipped inside the lpips package
-        return lpips.LPIPS(
-            net="alex", version="0.1", pretrained=True, pnet_rand=True, verbose=False
-        )
-
-
-def build_lpips(trunk: Mapping[str, Tensor]) -> nn.Module:
-    """Frozen LPIPS(alex, v0.1) with the AlexNet trunk ``trunk`` (:func:`load_lpips_trunk`)."""
-    model = _lpips_module()
-    model.net.load_state_dict(dict(trunk))
-    return model.eval().requires_grad_(False)
 
 
 # ---------------------------------------------------------------------------------------
@@ -214,7 +154,7 @@ class HiFiCWarmupPhase(TrainingPhase):
         """Read and check the LPIPS trunk on the driver (before Ray starts); it travels to
         the workers with the pickled phase. A no-op when ``k_p`` is 0."""
         if self.uses_lpips:
-            self._lpips_trunk = load_lpips_trunk(self.lpips_backbone)
+            self._lpips_trunk = load_lpips_trunk(self.lpips_backbone, LPIPS_PARAM)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -225,7 +165,7 @@ class HiFiCWarmupPhase(TrainingPhase):
         if not self.uses_lpips:
             return
         if self._lpips_trunk is None:
-            self._lpips_trunk = load_lpips_trunk(self.lpips_backbone)
+            self._lpips_trunk = load_lpips_trunk(self.lpips_backbone, LPIPS_PARAM)
         self._lpips = build_lpips(self._lpips_trunk).to(device)
 
     def build_models(self) -> PhaseModels:

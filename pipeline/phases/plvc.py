@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.config import Params
+from pipeline.metrics import MissingWeightsError, build_lpips, load_lpips_trunk
 from pipeline.runner import (
     DataError,
     PhaseModels,
@@ -76,6 +77,9 @@ __all__ = [
     "per_frame_scalars",
     "temporal_profile",
 ]
+
+#: the param naming the AlexNet weights of the official GAN loss's LPIPS term
+LPIPS_PARAM = "train.gan.lpips_backbone"
 
 #: format tag of an exported ``discriminator.pt``
 DISCRIMINATOR_FORMAT = "plvc-discriminator"
@@ -615,17 +619,19 @@ class GanPhase(PLVCPhase):
         super().__post_init__()
         if self.loss not in ("paper", "official"):
             raise RunnerError(f"train.gan.loss must be 'paper' or 'official', got {self.loss!r}")
+        self._lpips_trunk: dict[str, Tensor] | None = None
         if self.loss == "official":
             if self.lpips_backbone is None:
                 raise RunnerError(
                     "train.gan.loss 'official' adds an LPIPS(alex) term: set "
                     "train.gan.lpips_backbone to torchvision AlexNet weights (a state dict file)"
                 )
-            if not Path(self.lpips_backbone).is_file():
-                raise RunnerError(
-                    f"train.gan.lpips_backbone = {self.lpips_backbone!r}: no such file "
-                    "(torchvision AlexNet weights for LPIPS)"
-                )
+            # read and checked here, on the driver; the trunk travels with the pickled
+            # phase, so workers on other nodes need not see the file
+            try:
+                self._lpips_trunk = load_lpips_trunk(self.lpips_backbone, LPIPS_PARAM)
+            except MissingWeightsError as exc:
+                raise RunnerError(str(exc)) from None
         d_cfg = DiscriminatorConfig.from_dict(self.discriminator)
         if d_cfg.latent_channels != 2 * self.plvc_config.latent_channels:
             raise RunnerError(
@@ -633,6 +639,11 @@ class GanPhase(PLVCPhase):
                 f"generator's latent y = [y^m, y^r] has {2 * self.plvc_config.latent_channels}"
             )
         self._lpips: nn.Module | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_lpips"] = None  # rebuilt by setup() on each worker
+        return state
 
     @property
     def options(self) -> GeneratorLossOptions:
@@ -665,7 +676,7 @@ class GanPhase(PLVCPhase):
 
     def setup(self, device: torch.device) -> None:
         if self.loss == "official":
-            self._lpips = _load_lpips(self.lpips_backbone).to(device)
+            self._lpips = build_lpips(self._lpips_trunk).to(device)
 
     def _lpips_fn(self) -> Any:
         if self.loss != "official":
@@ -753,20 +764,6 @@ class GanPhase(PLVCPhase):
             "adversarial": self.adversarial,
             "loss": self.loss,
         }
-
-
-def _load_lpips(path: str | None) -> nn.Module:
-    """LPIPS(alex) with the AlexNet trunk from ``path`` (the one loader of the project,
-    :mod:`pipeline.metrics`), its errors naming ``train.gan.lpips_backbone``."""
-    from pipeline.metrics import MissingWeightsError
-    from pipeline.metrics import _load_lpips as load
-
-    try:
-        return load(Path(path) if path is not None else None, seed=0)
-    except MissingWeightsError as exc:
-        raise MissingWeightsError(
-            str(exc).replace("evaluate.lpips_backbone", "train.gan.lpips_backbone")
-        ) from None
 
 
 # ---------------------------------------------------------------------------------------

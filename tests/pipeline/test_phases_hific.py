@@ -14,6 +14,7 @@ import torch
 import torchvision
 
 from pipeline.config import ConfigError, Params
+from pipeline.metrics import MissingWeightsError
 from pipeline.phases.hific import HiFiCGANPhase, HiFiCWarmupPhase, hific_phases
 from pipeline.runner import DataError, PhaseStepper, RunnerError
 from plvc.hific import HiFiCConfig, load_hific
@@ -241,14 +242,15 @@ def test_export_is_a_hific_checkpoint_that_starts_the_gan_phase(tmp_path: Path) 
 
 def test_lpips_needs_the_backbone_param_and_loads_it(tmp_path: Path) -> None:
     with_lpips = HiFiCLossWeights(target_bpp=0.3, lambda_a=1.0, lambda_b=2**-4, k_p=1.0)
-    with pytest.raises(ConfigError, match=r"hific\.lpips_backbone is not set"):
+    with pytest.raises(MissingWeightsError, match=r"hific\.lpips_backbone is not set"):
         HiFiCWarmupPhase(TINY, with_lpips, crop=64).load_lpips()
-    with pytest.raises(ConfigError, match=r"hific\.lpips_backbone = .*nope\.pth.*no such file"):
+    missing = r"hific\.lpips_backbone = .*nope\.pth.*no such file"
+    with pytest.raises(MissingWeightsError, match=missing):
         HiFiCWarmupPhase(
             TINY, with_lpips, crop=64, lpips_backbone=str(tmp_path / "nope.pth")
         ).load_lpips()
     torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "other.pth")
-    with pytest.raises(ConfigError, match=r"not a torchvision AlexNet state dict"):
+    with pytest.raises(MissingWeightsError, match=r"not a torchvision AlexNet state dict"):
         HiFiCWarmupPhase(
             TINY, with_lpips, crop=64, lpips_backbone=str(tmp_path / "other.pth")
         ).load_lpips()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -281,6 +282,8 @@ def test_gan_loss_switches_alpha_at_the_rate_target(tmp_path: Path) -> None:
     alexnet = tmp_path / "alexnet.pth"
     torch.save(torchvision.models.alexnet().state_dict(), alexnet)  # random trunk: a test
     official = dataclasses.replace(gan, loss="official", lpips_backbone=str(alexnet))
+    alexnet.unlink()  # read on the driver: the trunk travels with the pickled phase
+    official = pickle.loads(pickle.dumps(official))
     official.setup(torch.device("cpu"))
     below = [0.01, 0.01, 0.01]  # each below R_T, the sum (0.03) too
     terms = official.generator_loss(models, batch, _craft_outputs(gan, batch, below), step=1)

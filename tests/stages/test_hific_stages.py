@@ -13,7 +13,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipeline.config import ConfigError, load_params
+from pipeline.config import load_params
 from pipeline.datasets import decode_png_rgb
 from plvc.errors import WeightsError
 from plvc.hific import HiFiC, HiFiCConfig, load_hific, save_hific
@@ -167,7 +167,7 @@ def test_lpips_without_backbone_fails_before_ray(write_params, tmp_path: Path) -
             "runner.storage_path": str(tmp_path / "ray"),
         }
     )
-    with pytest.raises(ConfigError, match=r"hific\.lpips_backbone is not set"):
+    with pytest.raises(WeightsError, match=r"hific\.lpips_backbone is not set"):
         train_hific_stage.main(["--params", str(params_file), "--quality", "high"])
     assert not (tmp_path / "ray").exists() and not (tmp_path / "models").exists()
 
@@ -176,3 +176,21 @@ def test_iframes_without_weights_names_the_file(write_params, tmp_path: Path) ->
     params_file = write_params()
     with pytest.raises(WeightsError, match=r"models/low/hific/hific\.pt does not exist"):
         iframes_stage.main(["--params", str(params_file), "--quality", "low"])
+
+
+def test_iframes_without_shards_is_a_one_line_error(
+    write_params, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pipeline.cli import run_stage
+    from stages.iframes import main
+
+    params_file = write_params()
+    params = load_params(params_file)
+    torch.manual_seed(0)
+    save_hific(params.paths.models / "low/hific/hific.pt", HiFiC(HiFiCConfig.tiny()), {})
+    with pytest.raises(SystemExit) as exit_info:
+        run_stage(main, ["--params", str(params_file), "--quality", "low"])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no shard files in ") and "run the shard stage first" in err
+    assert "Traceback" not in err and not (params.paths.iframes / "low").exists()
