@@ -28,6 +28,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors caused by input or environment: reported in one line, no traceback."""
     from pipeline.config import ConfigError
     from pipeline.download import DownloadError
+    from pipeline.iframes import IFrameError
     from pipeline.metrics import EvaluationError
     from pipeline.runner import RunnerError
     from pipeline.shards import ShardError
@@ -39,6 +40,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         TrackingUnavailableError,
         DownloadError,
         ShardError,
+        IFrameError,
         RunnerError,
         EvaluationError,
         PLVCError,

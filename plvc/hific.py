@@ -81,8 +81,9 @@ __all__ = [
 
 HIFIC_CHECKPOINT_FORMAT = "plvc-hific"
 HIFIC_CHECKPOINT_VERSION = 1
-# the pipeline parameter that points the I-frame stage at a trained checkpoint
-HIFIC_WEIGHTS_PARAM = "iframes.hific_weights"
+# the factory argument naming a trained checkpoint, as errors quote it (in the pipeline it is
+# paths.models/<q>/hific/hific.pt: trained by train_hific@<q>, or hific.pretrained.<q> copied)
+HIFIC_WEIGHTS_PARAM = "weights="
 
 
 # --------------------------------------------------------------------------- config
@@ -753,7 +754,8 @@ def hific_intra_codec(
 ) -> HiFiCIntraCodec:
     """Factory registered as intra codec ``"hific"``.
 
-    ``weights``: a :func:`save_hific` checkpoint (the pipeline's ``iframes.hific_weights``);
+    ``weights``: a :func:`save_hific` checkpoint (the pipeline's
+    ``paths.models/<q>/hific/hific.pt``, from ``train_hific@<q>`` or ``hific.pretrained.<q>``);
     its config wins, and a different ``config`` is an error. ``weights_sha256`` (stored
     in streams by :attr:`HiFiCIntraCodec.config`) rejects a different file. Without
     weights the call must say ``allow_random_init=True``: the model is then initialised
@@ -776,11 +778,11 @@ def hific_intra_codec(
         try:
             model, _ = load_hific(path, device=device)
         except WeightsError as exc:
-            raise WeightsError(f"{HIFIC_WEIGHTS_PARAM}: {exc}") from exc
+            raise WeightsError(f"hific intra codec, {HIFIC_WEIGHTS_PARAM}{path}: {exc}") from exc
         digest = _file_sha256(path)
         if weights_sha256 is not None and digest != weights_sha256:
             raise WeightsError(
-                f"{HIFIC_WEIGHTS_PARAM}: HiFiC weights {path} have SHA-256 {digest[:16]}..., "
+                f"hific intra codec, {HIFIC_WEIGHTS_PARAM}{path}: SHA-256 {digest[:16]}..., "
                 f"the stream was coded with {weights_sha256[:16]}...: a different file"
             )
         if wanted is not None and wanted != model.config:
@@ -792,10 +794,11 @@ def hific_intra_codec(
         return HiFiCIntraCodec(model, {"weights": str(path), "weights_sha256": digest, **extra})
     if not allow_random_init:
         raise IntraCodecError(
-            "the 'hific' intra codec needs trained weights: set "
-            f"{HIFIC_WEIGHTS_PARAM} (factory argument weights=) to a checkpoint written by "
-            "plvc.hific.save_hific, or pass allow_random_init=True to code with an "
-            "untrained, seeded model (smoke tests only)"
+            "the 'hific' intra codec needs trained weights: pass "
+            f"{HIFIC_WEIGHTS_PARAM} a checkpoint written by plvc.hific.save_hific (the "
+            "pipeline's: paths.models/<q>/hific/hific.pt, from train_hific@<q> or "
+            "hific.pretrained.<q>), or allow_random_init=True to code with an untrained, "
+            "seeded model (smoke tests only)"
         )
     resolved = wanted or HiFiCConfig.paper()
     with torch.random.fork_rng(devices=[]):
