@@ -79,6 +79,19 @@ class PathsConfig(_Strict):
     reports: Path = Path("reports")
     metrics: Path = Path("metrics")
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _filesystem_path(cls, v: Any) -> Any:
+        # DVC tracks these folders and the stages list and write them as files, so they must
+        # be on a filesystem (a shared mount on a cluster); a URI would be mangled into a
+        # relative path ("s3:/bucket/..."). Object storage serves runner.storage_path.
+        if isinstance(v, str) and "://" in v:
+            raise ValueError(
+                "must be a filesystem path (on a cluster: a mount every node sees); URIs "
+                "such as s3:// are supported for runner.storage_path only"
+            )
+        return v
+
 
 class TrackingConfig(_Strict):
     """MLflow tracking. ``MLFLOW_TRACKING_URI`` in the environment wins over ``uri``."""

@@ -44,6 +44,15 @@ def test_unknown_key_is_named(tmp_path: Path) -> None:
         load_params(_write(tmp_path, data))
 
 
+def test_uri_paths_are_refused_not_mangled(tmp_path: Path) -> None:
+    data = _base()
+    data["paths"]["shards"] = "s3://bucket/shards"
+    with pytest.raises(ConfigError, match=r"paths\.shards = 's3://bucket/shards'.*filesystem path"):
+        load_params(_write(tmp_path, data))
+    data["paths"]["shards"] = "/mnt/shared/shards"
+    assert str(load_params(_write(tmp_path, data)).paths.shards) == "/mnt/shared/shards"
+
+
 def test_wrong_type_names_key_and_value(tmp_path: Path) -> None:
     data = _base()
     data["shard"]["row_group_rows"] = "many"
