@@ -526,24 +526,48 @@ class PLVC(CompressionModel):
                 state.prev_y_residual if state else None,
                 state.residual_rpm if state else None,
             )
+        x_hat, new_state = self._reconstruct_pframe(
+            x_mc,
+            y_motion_hat,
+            y_residual_hat,
+            (motion_rpm, residual_rpm, motion_dec),
+            state,
+            encoder_states=(motion_enc, residual_enc),
+        )
+        latent_size = (int(y_motion.shape[-2]), int(y_motion.shape[-1]))
+        return [motion_string, residual_string], latent_size, x_hat, new_state
+
+    def _reconstruct_pframe(
+        self,
+        x_mc: Tensor,
+        y_motion_hat: Tensor,
+        y_residual_hat: Tensor,
+        decoded_states: tuple[LSTMState | None, LSTMState | None, LSTMState | None],
+        state: GeneratorState | None,
+        *,
+        encoder_states: tuple[LSTMState | None, LSTMState | None] = (None, None),
+    ) -> tuple[Tensor, GeneratorState]:
+        """The decoder side of a P-frame after its latents are decoded, shared by
+        :meth:`compress_pframe` and :meth:`decompress_pframe` so both reconstruct the same
+        ``x_hat`` and state (fig. 2: residual decoder, x̂ = x_mc + r̂, next h^G)."""
+        motion_rpm, residual_rpm, motion_dec = decoded_states
         residual_hat, residual_dec = self.residual_decoder(
-            y_residual_hat.to(device, dtype), state.residual_decoder if state else None
+            y_residual_hat.to(x_mc.device, x_mc.dtype),
+            state.residual_decoder if state else None,
         )
         x_hat = (x_mc + residual_hat).clamp(0.0, 1.0)
-
         new_state = GeneratorState(
             frame_index=(state.frame_index if state else 0) + 1,
             prev_y_motion=y_motion_hat,
             prev_y_residual=y_residual_hat,
             motion_rpm=motion_rpm,
             residual_rpm=residual_rpm,
-            motion_encoder=motion_enc,
+            motion_encoder=encoder_states[0],
             motion_decoder=motion_dec,
-            residual_encoder=residual_enc,
+            residual_encoder=encoder_states[1],
             residual_decoder=residual_dec,
         )
-        latent_size = (int(y_motion.shape[-2]), int(y_motion.shape[-1]))
-        return [motion_string, residual_string], latent_size, x_hat, new_state
+        return x_hat, new_state
 
     def decompress_pframe(
         self,
@@ -605,20 +629,9 @@ class PLVC(CompressionModel):
                 state.prev_y_residual if state else None,
                 state.residual_rpm if state else None,
             )
-        residual_hat, residual_dec = self.residual_decoder(
-            y_residual_hat.to(device, dtype), state.residual_decoder if state else None
+        return self._reconstruct_pframe(
+            x_mc, y_motion_hat, y_residual_hat, (motion_rpm, residual_rpm, motion_dec), state
         )
-        x_hat = (x_mc + residual_hat).clamp(0.0, 1.0)
-        new_state = GeneratorState(
-            frame_index=(state.frame_index if state else 0) + 1,
-            prev_y_motion=y_motion_hat,
-            prev_y_residual=y_residual_hat,
-            motion_rpm=motion_rpm,
-            residual_rpm=residual_rpm,
-            motion_decoder=motion_dec,
-            residual_decoder=residual_dec,
-        )
-        return x_hat, new_state
 
     # -- CompressAI plumbing ---------------------------------------------------------------
 
