@@ -678,6 +678,17 @@ def _train_worker_inner(config: dict[str, Any]) -> dict[str, Any]:
             "epoch": epoch,
         }
 
+    if multi and phase.find_unused_parameters:
+        for module in models.named().values():
+            # With find_unused_parameters DDP marks weights missing from the forward's graph
+            # as ready at once; entropy-bottleneck quantiles get their gradient only from the
+            # aux loss later in the same backward, which DDP rejects as a second "ready".
+            # That gradient is data-independent, hence equal on every rank: no all-reduce.
+            quantiles = [n for n, _ in module.named_parameters() if n.endswith(".quantiles")]
+            if quantiles:
+                DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                    module, quantiles
+                )
     wrapped = PhaseModels(
         **{
             name: DistributedDataParallel(

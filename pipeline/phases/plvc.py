@@ -503,18 +503,7 @@ class SinglePPhase(PLVCPhase):
         return self.flow_steps + self.mc_steps > 0
 
     def build_models(self) -> PhaseModels:
-        generator = self._generator()
-        if self.find_unused_parameters:
-            # With find_unused_parameters DDP marks weights missing from the forward's
-            # graph as ready at once; the quantiles only get their (data-independent,
-            # hence identical on every rank) gradient from the runner's aux loss later in
-            # the same backward, which DDP would reject as a second "ready". They need no
-            # all-reduce, so DDP leaves them alone.
-            names = [n for n, _ in generator.named_parameters() if n.endswith(".quantiles")]
-            nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-                generator, names
-            )
-        return PhaseModels(generator)
+        return PhaseModels(self._generator())
 
     def warmup_stage(self, step: int) -> str:
         """The sub-phase of (1-based) ``step``: ``"flow"``, ``"mc"`` or ``"full"``."""
