@@ -56,7 +56,7 @@ import math
 import os
 import re
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -665,11 +665,14 @@ def code_iframes(
     use_gpu: bool,
     progress: bool = True,
     ship_weights: bool = True,
+    start_ray: Callable[[], object] | None = None,
 ) -> dict[str, Any]:
     """Code im1 of every clip of both splits with the HiFiC checkpoint ``weights``.
 
     Writes ``out_dir/{train,test}/part-*.parquet`` aligned with ``shard_root``'s files and
-    then ``out_dir/manifest.json`` (layout in the module docstring); needs Ray initialised.
+    then ``out_dir/manifest.json`` (layout in the module docstring). Coding needs Ray:
+    ``start_ray`` is called once the inputs are checked and some file needs coding (never
+    when every file is kept), or Ray must already be initialised.
     Shards whose I-frame file is complete for the same shard plan and codec are kept.
     ``ship_weights``: send the checkpoint's bytes to the actors through Ray's object store
     (no shared file system needed) instead of its path.
@@ -733,6 +736,8 @@ def code_iframes(
             else:
                 pending.append(entry)
     if pending:
+        if start_ray is not None:
+            start_ray()
         _code_pending(
             pending,
             weights=weights,

@@ -62,10 +62,8 @@ def main(argv: list[str] | None = None) -> None:
     logged = {"quality": quality, "iframes": cfg.model_dump(mode="json"), "weights": str(weights)}
 
     with stage_run(STAGE, params, logged_params=logged, run_name=f"{STAGE}@{quality}"):
-        started_ray = False
+        started: list[bool] = []
         try:
-            if weights.is_file():  # a missing file fails in code_iframes, before Ray starts
-                started_ray = init_ray(params) != "existing"
             result = code_iframes(
                 params.paths.shards,
                 out_dir,
@@ -74,9 +72,10 @@ def main(argv: list[str] | None = None) -> None:
                 batch_size=cfg.batch_size,
                 num_actors=cfg.num_actors,
                 use_gpu=cfg.use_gpu,
+                start_ray=lambda: started.append(init_ray(params) != "existing"),
             )
         finally:
-            if started_ray:
+            if any(started):
                 shutdown_ray()
         manifest = result["manifest"]
         print(
