@@ -49,6 +49,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def run_stage(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> None:
     """Run a stage's ``main``; a user error exits 1 with its message, not a traceback."""
+    from pipeline.ray_cluster import skip_known_ray_noise
+
+    skip_known_ray_noise()
     try:
         main(argv)
     except _user_errors() as exc:
