@@ -19,13 +19,18 @@ through :mod:`plvc.determinism` so encoder and decoder derive bit-identical tabl
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from compressai.entropy_models import EntropyBottleneck, EntropyModel, GaussianConditional
-from compressai.ops import quantize_ste
 from torch import Tensor, nn
+
+with warnings.catch_warnings():
+    # CompressAI 1.2.8 calls torch.jit.script at import, which torch 2.14 deprecates
+    warnings.simplefilter("ignore", FutureWarning)
+    from compressai.entropy_models import EntropyBottleneck, EntropyModel, GaussianConditional
+    from compressai.ops import quantize_ste
 
 from plvc.determinism import CODING_DEVICE, CODING_DTYPE, cpu_functional_call
 from plvc.layers import ConvLSTMCell, LSTMState

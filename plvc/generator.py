@@ -16,17 +16,22 @@ Layouts follow the authors' TF release (``CNN_recurrent.py``, ``MC_network.py``,
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from compressai.entropy_models import EntropyBottleneck, GaussianConditional
-from compressai.layers import GDN
-from compressai.models import CompressionModel
-from compressai.models.base import get_scale_table
 from torch import Tensor, nn
+
+with warnings.catch_warnings():
+    # CompressAI 1.2.8 calls torch.jit.script at import, which torch 2.14 deprecates
+    warnings.simplefilter("ignore", FutureWarning)
+    from compressai.entropy_models import EntropyBottleneck, GaussianConditional
+    from compressai.layers import GDN
+    from compressai.models import CompressionModel
+    from compressai.models.base import get_scale_table
 
 from plvc.determinism import deterministic_coding
 from plvc.entropy import QUANTIZERS, LatentEntropyModel, bits_from_likelihoods, bpp

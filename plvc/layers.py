@@ -11,12 +11,17 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from compressai.models.utils import conv, deconv
 from torch import Tensor, nn
+
+with warnings.catch_warnings():
+    # CompressAI 1.2.8 calls torch.jit.script at import, which torch 2.14 deprecates
+    warnings.simplefilter("ignore", FutureWarning)
+    from compressai.models.utils import conv, deconv
 
 __all__ = [
     "ACTIVATIONS",
