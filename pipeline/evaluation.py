@@ -118,6 +118,7 @@ from pipeline.rd import (
     write_frame_rows_csv,
     write_points,
 )
+from plvc.weights import file_sha256
 
 if TYPE_CHECKING:
     from pipeline.baselines import BaselineConfig
@@ -467,14 +468,6 @@ class QualityModels:
         return out
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def load_quality_models(
     models_dir: str | os.PathLike[str], quality: str, device: str | torch.device = "cpu"
 ) -> QualityModels:
@@ -491,7 +484,7 @@ def load_quality_models(
     shared_sha = None
     if hific_path.is_file():
         shared = CachedIntraCodec(hific_intra_codec(weights=hific_path, device=device))
-        shared_sha = shared.config.get("weights_sha256") or _file_sha256(hific_path)
+        shared_sha = shared.config.get("weights_sha256") or file_sha256(hific_path)
     by_spec: dict[str, CachedIntraCodec] = {}
     phases: list[PhaseModel] = []
     missing: list[str] = []

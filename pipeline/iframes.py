@@ -49,7 +49,6 @@ CPU decoder reproduces only up to floating-point rounding.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -174,14 +173,6 @@ def _read_meta(fs: pafs.FileSystem, path: str) -> pq.FileMetaData:
 
 def _row_group_sizes(meta: pq.FileMetaData) -> list[int]:
     return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------
@@ -684,6 +675,7 @@ def code_iframes(
         IFrameError: no shards, no GPU when asked for one, or a coding failure.
     """
     from plvc.hific import load_hific
+    from plvc.weights import file_sha256
 
     if batch_size < 1 or num_actors < 1:
         raise ValueError(
@@ -691,7 +683,7 @@ def code_iframes(
         )
     shard_root, out_dir, weights = Path(shard_root), Path(out_dir), Path(weights)
     model, _ = load_hific(weights)  # a clear WeightsError naming the file, before Ray work
-    digest = _sha256(weights)
+    digest = file_sha256(weights)
     codec_info = {
         "name": "hific",
         "weights": str(weights),

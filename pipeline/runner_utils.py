@@ -35,7 +35,6 @@ __all__ = [
     "MetricAverager",
     "MlflowSink",
     "capture_rng_state",
-    "file_sha256",
     "fingerprinted_run_name",
     "image_grid",
     "read_checkpoint_meta",
@@ -45,15 +44,6 @@ __all__ = [
     "to_uint8_image",
     "unwrap",
 ]
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """SHA-256 of a file's bytes, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
 
 def fingerprinted_run_name(prefix: str, identity: Mapping[str, Any]) -> str:
     """``<prefix>-<10 hex digits>``: a Ray Train run name that changes with ``identity``.

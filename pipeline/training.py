@@ -36,7 +36,8 @@ import torch
 from pipeline.config import QUALITIES, Params, load_params
 from pipeline.phases.plvc import PHASE_STAGES, PLVCPhase, build_phase
 from pipeline.runner import RunnerError
-from pipeline.runner_utils import file_sha256, fingerprinted_run_name
+from pipeline.runner_utils import fingerprinted_run_name
+from plvc.weights import file_sha256
 
 __all__ = [
     "heldout_metrics",

@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -49,6 +48,7 @@ from plvc.bitstream import MAX_DIMENSION, pack_fields, unpack_fields
 from plvc.determinism import cpu_functional_call, deterministic_coding
 from plvc.errors import BitstreamError, IntraCodecError, WeightsError
 from plvc.intra import register_intra_codec
+from plvc.weights import file_sha256
 
 with warnings.catch_warnings():
     # CompressAI 1.2.8 calls torch.jit.script at import, which torch 2.14 deprecates
@@ -657,14 +657,6 @@ def unpack_hific_stream(data: bytes, stride: int) -> tuple[HiFiCStreamHeader, by
 # --------------------------------------------------------------------------- intra codec
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 class HiFiCIntraCodec:
     """:class:`~plvc.intra.IntraCodec` over a HiFiC model.
 
@@ -779,7 +771,7 @@ def hific_intra_codec(
             model, _ = load_hific(path, device=device)
         except WeightsError as exc:
             raise WeightsError(f"hific intra codec, {HIFIC_WEIGHTS_PARAM}{path}: {exc}") from exc
-        digest = _file_sha256(path)
+        digest = file_sha256(path)
         if weights_sha256 is not None and digest != weights_sha256:
             raise WeightsError(
                 f"hific intra codec, {HIFIC_WEIGHTS_PARAM}{path}: SHA-256 {digest[:16]}..., "

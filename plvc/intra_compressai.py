@@ -21,9 +21,7 @@ context model with decoding and therefore run entirely on the CPU.
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
-import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -35,6 +33,7 @@ from plvc.bitstream import MAX_DIMENSION, pack_fields, pad_for_rans, unpack_fiel
 from plvc.determinism import deterministic_coding
 from plvc.errors import BitstreamError, IntraCodecError
 from plvc.intra import register_intra_codec
+from plvc.weights import file_sha256
 
 __all__ = ["ARCHITECTURES", "CompressAIIntraCodec", "file_sha256"]
 
@@ -61,15 +60,6 @@ ARCHITECTURES: dict[str, int] = {
     "cheng2020-attn": 64,
 }
 _PAYLOAD = "intra payload"
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class CompressAIIntraCodec:

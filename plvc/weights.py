@@ -14,6 +14,7 @@ half-written file at the target path.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import uuid
@@ -33,6 +34,7 @@ __all__ = [
     "WEIGHTS_FORMAT",
     "WEIGHTS_VERSION",
     "WeightsMeta",
+    "file_sha256",
     "load_weights",
     "read_weights_meta",
     "save_weights",
@@ -41,6 +43,16 @@ __all__ = [
 WEIGHTS_FORMAT = "plvc-weights"
 WEIGHTS_VERSION = 1
 _PLAIN = (str, int, float, bool, type(None))
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks: the one file digest of the
+    project (weights in streams and manifests, run fingerprints)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 @dataclass

@@ -21,7 +21,6 @@ phase's settings, the seed, the shards' manifest and the warm-up weights, so a c
 from __future__ import annotations
 
 import argparse
-import hashlib
 import shutil
 import uuid
 from pathlib import Path
@@ -75,12 +74,13 @@ def _export_pretrained(source: Path, quality: str, out_dir: Path) -> dict[str, A
     from pipeline.cli import write_json_atomic
     from plvc.errors import WeightsError
     from plvc.hific import load_hific
+    from plvc.weights import file_sha256
 
     try:
         model, meta = load_hific(source)
     except WeightsError as exc:
         raise WeightsError(f"hific.pretrained.{quality}: {exc}") from exc
-    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    digest = file_sha256(source)
     result = {
         "stage": STAGE,
         "source": "pretrained",
@@ -175,7 +175,8 @@ def _train(
     from pipeline.datasets import read_encoded_septuplets_ray
     from pipeline.ray_cluster import init_ray, shutdown_ray
     from pipeline.runner import run_phase
-    from pipeline.runner_utils import file_sha256, fingerprinted_run_name
+    from pipeline.runner_utils import fingerprinted_run_name
+    from plvc.weights import file_sha256
 
     cfg = params.hific
     shard_manifest = shard_dir.parent / "manifest.json"
