@@ -273,17 +273,9 @@ def read_septuplets_ray(
         batch_size: clips decoded per Ray task batch (bounds the task's memory).
         filesystem: a pyarrow filesystem for the paths (default: inferred from them).
     """
-    import ray.data
-
     _check_num_frames(num_frames)
     _check_crop(crop)
-    if isinstance(shard_dir, str | os.PathLike):
-        paths: str | list[str] = _absolute(os.fspath(shard_dir))
-        if not _is_uri(paths):
-            _refuse_shard_root(paths)
-    else:
-        paths = [_absolute(os.fspath(p)) for p in shard_dir]
-    ds = ray.data.read_parquet(paths, filesystem=filesystem).select_columns(_READ_COLUMNS)
+    ds = read_encoded_septuplets_ray(shard_dir, filesystem=filesystem)
     return ds.map_batches(
         _decode_table,
         batch_format="pyarrow",
