@@ -3,7 +3,8 @@
     .venv/bin/python -m benchmarks.hific_steps [--presets tiny small] [--steps 30]
         [--batch 4] [--crop 128] [--clips 32] [--actors 2]
 
-Training: the real phases (:mod:`pipeline.phases.hific`) through :func:`pipeline.runner.run_phase`
+Training: the real phases (:mod:`pipeline.train.phases.hific`) through
+:func:`pipeline.train.runner.run_phase`
 with 1 and 2 workers (``--cpus-per-worker``, 0.5 as the sample's runner), on clips of the
 sample's frame size (256x448, 7 frames) from memory, ``--batch`` clips per worker and step,
 one ``--crop`` window per clip. Figures are the runner's last logging window (the second half
@@ -11,7 +12,7 @@ of the run), so start-up is not counted; "plain" is the same iteration in this p
 one thread, no Ray and no DDP.
 
 I-frames: ``--clips`` synthetic 256x448 clips sharded to Parquet, then
-:func:`pipeline.iframes.code_iframes` with ``--actors`` CPU actors (wall time including
+:func:`pipeline.data.iframes.code_iframes` with ``--actors`` CPU actors (wall time including
 actor start-up), next to the per-clip cost of one actor's work in this process (encode,
 decode of the bytes, PNG) with one thread.
 """
@@ -29,9 +30,9 @@ import numpy as np
 import torch
 
 from pipeline.config import Params, RunnerConfig
-from pipeline.phases.hific import HiFiCGANPhase, HiFiCWarmupPhase
 from pipeline.ray_cluster import init_ray, shutdown_ray
-from pipeline.runner import PhaseStepper, run_phase
+from pipeline.train.phases.hific import HiFiCGANPhase, HiFiCWarmupPhase
+from pipeline.train.runner import PhaseStepper, run_phase
 from plvc.hific import HiFiC, HiFiCConfig, save_hific
 from plvc.hific_losses import HiFiCLossWeights
 
@@ -130,7 +131,7 @@ def bench_training(args: argparse.Namespace, clips: list[np.ndarray]) -> None:
 
 
 def _write_shards(root: Path, clips: list[np.ndarray]) -> Path:
-    from pipeline.shards import shard_septuplets
+    from pipeline.data.shards import shard_septuplets
 
     raw = root / "raw"
     ids = [f"00001/{i + 1:04d}" for i in range(len(clips))]
@@ -157,7 +158,7 @@ def _write_shards(root: Path, clips: list[np.ndarray]) -> Path:
 
 
 def bench_iframes(args: argparse.Namespace, clips: list[np.ndarray]) -> None:
-    from pipeline.iframes import code_iframes, encode_png_rgb
+    from pipeline.data.iframes import code_iframes, encode_png_rgb
     from plvc.intra import get_intra_codec
 
     print(f"\nI-frames: {len(clips)} clips of {HEIGHT}x{WIDTH}, {args.actors} CPU actor(s)")

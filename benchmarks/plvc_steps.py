@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from pipeline.config import Params, RunnerConfig
-from pipeline.phases.plvc import (
+from pipeline.ray_cluster import init_ray, shutdown_ray
+from pipeline.train.phases.plvc import (
     GanPhase,
     MultiPPhase,
     PLVCPhase,
@@ -32,8 +33,7 @@ from pipeline.phases.plvc import (
     discriminator_config,
     model_config,
 )
-from pipeline.ray_cluster import init_ray, shutdown_ray
-from pipeline.runner import PhaseStepper, run_phase
+from pipeline.train.runner import PhaseStepper, run_phase
 
 #: the paper's schedule (Table 1 text, official code): steps per phase at batch 4
 PAPER_STEPS = {"single_p": 300_000, "multi_p": 200_000, "gan": 100_000}

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from pipeline.config import Params, RunnerConfig
 from pipeline.ray_cluster import init_ray, shutdown_ray
-from pipeline.runner import (
+from pipeline.train.runner import (
     PhaseModels,
     PhaseOptimizers,
     PhaseStepper,

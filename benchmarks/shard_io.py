@@ -6,8 +6,8 @@
 Phases, on the same clips, same machine, same run:
 
 (a) raw read      every PNG's bytes read from disk (W threads): the I/O ceiling;
-(b) sharding      :func:`pipeline.shards.shard_septuplets` (checks = full decode; W processes);
-(c) shards->torch :class:`pipeline.datasets.SeptupletShards` in a torch DataLoader (W workers,
+(b) sharding      :func:`pipeline.data.shards.shard_septuplets` (checks = full decode; W processes);
+(c) shards->torch :class:`pipeline.data.datasets.SeptupletShards` in a torch DataLoader (W workers,
                   full decode to float tensors [7, 3, H, W]);
 (d) PNG->torch    the baseline loader: cv2.imread of each frame in a torch DataLoader, same
                   workers, batch size and output.
@@ -45,7 +45,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pipeline.shards import FRAMES_PER_CLIP, SPLIT_LISTS, list_shards, shard_septuplets
+from pipeline.data.shards import FRAMES_PER_CLIP, SPLIT_LISTS, list_shards, shard_septuplets
 
 # torch is imported where it is used: the shard workers (spawned) import this module, and
 # importing torch in each would be timed as sharding work
@@ -321,7 +321,7 @@ def run(
         shard_files = list_shards(out / "train") + list_shards(out / "test")
         from torch.utils.data import ConcatDataset
 
-        from pipeline.datasets import SeptupletShards
+        from pipeline.data.datasets import SeptupletShards
 
         shards = ConcatDataset([SeptupletShards(out / "train"), SeptupletShards(out / "test")])
         measure("(c) shards -> torch", shard_files, _drain, shards, workers, batch_size)

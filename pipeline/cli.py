@@ -7,9 +7,10 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline.atomic import write_json_atomic
+from pipeline.errors import PipelineError
+from plvc.errors import PLVCError
 
-__all__ = ["run_stage", "stage_parser", "write_json_atomic"]
+__all__ = ["run_stage", "stage_parser"]
 
 
 def stage_parser(description: str) -> argparse.ArgumentParser:
@@ -24,37 +25,15 @@ def stage_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors caused by input or environment: reported in one line, no traceback."""
-    from pipeline.config import ConfigError
-    from pipeline.download import DownloadError
-    from pipeline.iframes import IFrameError
-    from pipeline.metrics import EvaluationError
-    from pipeline.runner import RunnerError
-    from pipeline.shards import ShardError
-    from pipeline.tracking import TrackingUnavailableError
-    from plvc.errors import PLVCError
-
-    return (
-        ConfigError,
-        TrackingUnavailableError,
-        DownloadError,
-        ShardError,
-        IFrameError,
-        RunnerError,
-        EvaluationError,
-        PLVCError,
-    )
-
-
 def run_stage(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> None:
-    """Run a stage's ``main``; a user error exits 1 with its message, not a traceback."""
+    """Run a stage's ``main``; a user error (a :class:`PipelineError` or the codec's
+    :class:`PLVCError`) exits 1 with its message, not a traceback."""
     from pipeline.ray_cluster import skip_known_ray_noise
 
     skip_known_ray_noise()
     try:
         main(argv)
-    except _user_errors() as exc:
+    except (PipelineError, PLVCError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:

@@ -20,6 +20,8 @@ from pydantic import (
     model_validator,
 )
 
+from pipeline.errors import PipelineError
+
 __all__ = [
     "VIMEO_FRAME_SIZE",
     "BaselineSpec",
@@ -59,7 +61,7 @@ PosFloat = Annotated[float, Field(gt=0)]
 Fraction = Annotated[float, Field(ge=0, le=1)]
 
 
-class ConfigError(ValueError):
+class ConfigError(PipelineError, ValueError):
     """A params file is missing, unreadable or holds an invalid value."""
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from pipeline.config import Params
 
-__all__ = ["init_ray", "shutdown_ray", "skip_known_ray_noise"]
+__all__ = ["init_ray", "ray_session", "shutdown_ray", "skip_known_ray_noise"]
 
 # Ray records the last local cluster here; a stale copy makes the next start or
 # `ray job submit` try to join a dead cluster.
@@ -63,3 +65,27 @@ def shutdown_ray() -> None:
         ray.shutdown()
     if not os.environ.get("RAY_ADDRESS"):
         _CURRENT_CLUSTER_FILE.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def ray_session(
+    params: Params | None = None, *, num_cpus: int | None = None, lazy: bool = False
+) -> Iterator[Callable[[], str]]:
+    """Ray for the block: connected on entry (or, with ``lazy``, on the first call of the
+    yielded ``connect()``), and disconnected at the end, also on an error or Ctrl-C, if this
+    block connected it (a Ray that was already up is left alone). ``connect()`` returns what
+    :func:`init_ray` returned."""
+    state: dict[str, str] = {}
+
+    def connect() -> str:
+        if "how" not in state:
+            state["how"] = init_ray(params, num_cpus=num_cpus)
+        return state["how"]
+
+    if not lazy:
+        connect()
+    try:
+        yield connect
+    finally:
+        if state.get("how", "existing") != "existing":
+            shutdown_ray()

@@ -33,6 +33,7 @@ import requests
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import Params, flatten
+from pipeline.errors import PipelineError
 
 __all__ = [
     "PIPELINE_ID_ENV",
@@ -52,7 +53,7 @@ _TAG = "plvc."
 _uri_we_set: str | None = None
 
 
-class TrackingUnavailableError(RuntimeError):
+class TrackingUnavailableError(PipelineError):
     """The MLflow tracking store cannot be reached or opened."""
 
 

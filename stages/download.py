@@ -1,16 +1,17 @@
 """DVC stage ``download``: raw Vimeo-90k septuplets (or the built-in sample) on disk.
 
 Writes ``paths.raw`` in the Vimeo-90k layout plus its ``manifest.json``; see
-:mod:`pipeline.download` for the sources and the manifest's fields.
+:mod:`pipeline.data.download` for the sources and the manifest's fields.
 """
 
 from __future__ import annotations
 
 import mlflow
 
-from pipeline.cli import run_stage, stage_parser, write_json_atomic
+from pipeline.cli import run_stage, stage_parser
 from pipeline.config import load_params
-from pipeline.download import prepare_raw
+from pipeline.data.download import prepare_raw
+from pipeline.io import write_json_atomic
 from pipeline.tracking import log_json_artifact, stage_run
 
 

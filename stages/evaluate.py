@@ -4,7 +4,7 @@ codec alone, decoded back and measured (paper, "Experiments"; DESIGN §5).
 Reads the test shards (``paths.shards/test``), ``evaluate.sequences`` and
 ``paths.models/<quality>/``; writes ``paths.reports/<quality>/`` (``metrics.json``,
 ``frames.csv``, ``points.json``, ``gop_profile/``, ``images/``, ...; fields in
-:mod:`pipeline.evaluation`). One MLflow run with every number and file.
+``docs/evaluation.md``). One MLflow run with every number and file.
 """
 
 from __future__ import annotations
@@ -16,15 +16,11 @@ import torch
 
 from pipeline.cli import run_stage, stage_parser
 from pipeline.config import ConfigError, Params, load_params
-from pipeline.evaluation import (
-    TestSet,
-    evaluate_quality,
-    load_quality_models,
-    metric_config,
-    mlflow_metrics,
-    write_evaluation,
-)
-from pipeline.metrics import MetricSet
+from pipeline.eval.measure import evaluate_quality, metric_config, mlflow_metrics
+from pipeline.eval.metrics import MetricSet
+from pipeline.eval.models import load_quality_models
+from pipeline.eval.outputs import write_evaluation
+from pipeline.eval.testset import TestSet
 from pipeline.tracking import stage_run
 
 

@@ -3,7 +3,7 @@ test frames of ``evaluate@<quality>`` at every rate point of ``evaluate.baseline
 
 The anchors do not depend on the quality, so they run once. Writes
 ``paths.reports/baselines/`` (``metrics.json``, ``frames.csv``, ``points.json``,
-``by_method/``, ...; fields in :mod:`pipeline.evaluation`) and one MLflow run.
+``by_method/``, ...; fields in ``docs/evaluation.md``) and one MLflow run.
 """
 
 from __future__ import annotations
@@ -14,15 +14,15 @@ import mlflow
 
 from pipeline.cli import run_stage, stage_parser
 from pipeline.config import load_params
-from pipeline.evaluation import (
+from pipeline.eval.measure import (
     anchor_configs,
     check_anchors,
     evaluate_anchors,
     metric_config,
     mlflow_metrics,
-    write_evaluation,
 )
-from pipeline.metrics import MetricSet
+from pipeline.eval.metrics import MetricSet
+from pipeline.eval.outputs import write_evaluation
 from pipeline.tracking import stage_run
 from stages.evaluate import evaluation_device, load_test_set, log_files
 

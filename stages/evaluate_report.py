@@ -3,7 +3,7 @@ BD-rate summary against x265.
 
 Reads ``paths.reports/{<quality>...,baselines}/points.json``; writes ``paths.reports/rd/``
 (``figures/rd_<metric>.png``, ``points.json``, ``points.csv``, ``by_method/<method>.csv``) and
-``paths.reports/summary.md`` (:func:`pipeline.evaluation.build_report`). One MLflow run.
+``paths.reports/summary.md`` (:func:`pipeline.eval.report.build_report`). One MLflow run.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import mlflow
 
 from pipeline.cli import run_stage, stage_parser
 from pipeline.config import load_params
-from pipeline.evaluation import build_report
+from pipeline.eval.report import build_report
 from pipeline.tracking import stage_run
 
 

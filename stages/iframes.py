@@ -3,7 +3,7 @@
 Reads ``paths.shards/{train,test}`` and ``paths.models/<q>/hific/hific.pt``; writes
 ``paths.iframes/<q>/{train,test}/part-*.parquet`` (aligned with the shards, one row per clip:
 clip id, decoded I-frame PNG, bitstream, bits) and ``manifest.json``; the schema is in
-:mod:`pipeline.iframes`. Codes on a Ray Data actor pool (``iframes.num_actors``, GPU actors
+:mod:`pipeline.data.iframes`. Codes on a Ray Data actor pool (``iframes.num_actors``, GPU actors
 with ``iframes.use_gpu``); a re-run keeps the files that are complete for the same shards
 and weights. Logs the bpp distribution (and a histogram), the I-frames' PSNR and
 side-by-side images to MLflow, and writes ``paths.metrics/<q>/iframes.json``.
@@ -14,7 +14,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-QUALITIES = ("low", "medium", "high")
+from pipeline.config import QUALITIES
+
 STAGE = "iframes"
 
 
@@ -48,10 +49,10 @@ def main(argv: list[str] | None = None) -> None:
     import mlflow
     import numpy as np
 
-    from pipeline.cli import write_json_atomic
     from pipeline.config import load_params
-    from pipeline.iframes import code_iframes, iframe_side_by_side, read_iframe_columns
-    from pipeline.ray_cluster import init_ray, shutdown_ray
+    from pipeline.data.iframes import code_iframes, iframe_side_by_side, read_iframe_columns
+    from pipeline.io import write_json_atomic
+    from pipeline.ray_cluster import ray_session
     from pipeline.tracking import log_json_artifact, stage_run
 
     params = load_params(args.params)
@@ -62,8 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     logged = {"quality": quality, "iframes": cfg.model_dump(mode="json"), "weights": str(weights)}
 
     with stage_run(STAGE, params, logged_params=logged, run_name=f"{STAGE}@{quality}"):
-        started: list[bool] = []
-        try:
+        with ray_session(params, lazy=True) as connect_ray:
             result = code_iframes(
                 params.paths.shards,
                 out_dir,
@@ -72,11 +72,8 @@ def main(argv: list[str] | None = None) -> None:
                 batch_size=cfg.batch_size,
                 num_actors=cfg.num_actors,
                 use_gpu=cfg.use_gpu,
-                start_ray=lambda: started.append(init_ray(params) != "existing"),
+                start_ray=connect_ray,
             )
-        finally:
-            if any(started):
-                shutdown_ray()
         manifest = result["manifest"]
         print(
             f"[{STAGE}@{quality}] {manifest['totals']['clips']} I-frames in {out_dir} "

@@ -1,7 +1,7 @@
 """DVC stage ``shard``: septuplets to Parquet shards per split, bad clips skipped and listed.
 
 Writes ``paths.shards/{train,test}/part-*.parquet`` and ``manifest.json``; the Arrow
-schema and the manifest's fields are documented in :mod:`pipeline.shards`.
+schema and the manifest's fields are documented in :mod:`pipeline.data.shards`.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ def main(argv: list[str] | None = None) -> None:
     # heavy imports live here: the shard workers re-import this module when they spawn
     import mlflow
 
-    from pipeline.cli import write_json_atomic
     from pipeline.config import load_params
-    from pipeline.shards import shard_septuplets
+    from pipeline.data.shards import shard_septuplets
+    from pipeline.io import write_json_atomic
     from pipeline.tracking import log_json_artifact, stage_run
 
     args = stage_parser(__doc__.splitlines()[0]).parse_args(argv)

@@ -3,13 +3,13 @@
 Starts from the previous phase's export and writes ``paths.models/<quality>/multi_p/``, the DVC
 metrics ``paths.metrics/<quality>/train_multi_p.json`` and the loss curves
 ``plots/<quality>/train_multi_p.csv``; the work is
-:func:`pipeline.training.run_training_stage`.
+:func:`pipeline.train.stage.run_training_stage`.
 """
 
 from __future__ import annotations
 
 from pipeline.cli import run_stage
-from pipeline.training import training_stage_main
+from pipeline.train.stage import training_stage_main
 
 
 def main(argv: list[str] | None = None) -> None:

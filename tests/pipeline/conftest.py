@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.shards import shard_septuplets
+from pipeline.data.shards import shard_septuplets
 
 FRAME_H, FRAME_W = 64, 96
 TRAIN_IDS = [f"{seq:05d}/{clip:04d}" for seq in (1, 2) for clip in range(1, 11)]

@@ -20,8 +20,8 @@ import pytest
 import torch
 import yaml
 
-from pipeline.evaluation import PHASES
-from pipeline.shards import shard_septuplets
+from pipeline.data.shards import shard_septuplets
+from pipeline.eval.models import PHASES
 
 from .conftest import small_params
 
@@ -39,7 +39,7 @@ OVERRIDES = {
 
 
 def _has_ffmpeg() -> bool:
-    from pipeline.baselines import FFmpegNotFoundError, find_ffmpeg
+    from pipeline.eval.baselines import FFmpegNotFoundError, find_ffmpeg
 
     try:
         find_ffmpeg()
@@ -235,7 +235,7 @@ def test_missing_backbone_stops_before_any_work(
 def test_cached_backbone_absent_names_the_param(
     write_params: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pipeline.metrics import MissingWeightsError
+    from pipeline.eval.metrics import MissingWeightsError
     from stages.evaluate_baselines import main
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
@@ -247,7 +247,7 @@ def test_cached_backbone_absent_names_the_param(
 
 def test_unknown_quality_and_missing_models(write_params: Any, tmp_path: Path) -> None:
     from pipeline.config import ConfigError
-    from pipeline.metrics import EvaluationError
+    from pipeline.eval.metrics import EvaluationError
     from stages.evaluate import main
 
     path = write_params(**OVERRIDES)

@@ -16,9 +16,9 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import load_params
-from pipeline.phases.plvc import MultiPPhase, SinglePPhase, model_config
-from pipeline.runner import RunnerError
-from pipeline.training import loss_curves, plots_dir, ray_run_name
+from pipeline.train.phases.plvc import MultiPPhase, SinglePPhase, model_config
+from pipeline.train.runner import RunnerError
+from pipeline.train.stage import loss_curves, plots_dir, ray_run_name
 from plvc.weights import load_weights
 from stages import download as download_stage
 from stages import shard as shard_stage
@@ -40,7 +40,7 @@ def sample_with_iframes(
     write_params, tmp_path: Path, monkeypatch, ray_local: None, own_mlflow_store: None
 ) -> Path:
     """The sample's shards and ``iframes/low`` coded with a tiny (untrained) HiFiC."""
-    from pipeline.iframes import code_iframes
+    from pipeline.data.iframes import code_iframes
     from plvc.hific import HiFiC, HiFiCConfig, save_hific
 
     monkeypatch.setenv("PLVC_PIPELINE_ID", "plvc-stage-test")

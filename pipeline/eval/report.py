@@ -1,0 +1,248 @@
+"""``evaluate_report``: RD curves of every method over the qualities against the anchors, the
+BD-rate table and ``reports/summary.md``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline.eval.metrics import (
+    RANDOM_SUFFIX,
+    EvaluationError,
+)
+from pipeline.eval.rd import (
+    PLOT_METRICS,
+    BDRateError,
+    RDPoint,
+    bd_rate_table,
+    curves,
+    plot_rd_all,
+    read_points_json,
+    write_points,
+)
+from pipeline.io import write_bytes_atomic
+
+if TYPE_CHECKING:
+    pass
+from pipeline.eval.measure import REFERENCE_METHOD
+from pipeline.eval.outputs import clear_folder
+
+__all__ = [
+    "BD_METRICS",
+    "ReportResult",
+    "build_report",
+]
+
+
+#: the BD-rate table's metrics (perception and fidelity)
+BD_METRICS = ("lpips", "psnr_rgb")
+
+
+_REPORT_METRICS = (*PLOT_METRICS, "psnr_y", "tdiff_mae", "tlp")
+
+
+_METRIC_NAMES = {
+    "lpips": "LPIPS",
+    "psnr_rgb": "PSNR (RGB)",
+    "psnr_y": "PSNR (Y)",
+    "ms_ssim": "MS-SSIM",
+    "fid": "FID",
+    "kid": "KID",
+    "tdiff_mae": "temporal diff. MAE",
+    "tlp": "tLP",
+}
+
+
+_WHY_ABSENT = {
+    "lpips": "not in `evaluate.metrics` (it needs `evaluate.lpips_backbone`)",
+    "tlp": "not in `evaluate.metrics` (it needs `evaluate.lpips_backbone`)",
+    "fid": "not in `evaluate.metrics` (it needs `evaluate.inception_weights`)",
+    "kid": "not in `evaluate.metrics` (it needs `evaluate.inception_weights`)",
+}
+
+
+@dataclass
+class ReportResult:
+    """What :func:`build_report` read and wrote."""
+
+    points: list[RDPoint]
+    plots: list[Path]
+    summary_path: Path
+    files: dict[str, Path]
+    warnings: list[str]
+    missing: list[str]
+
+
+def _metric_present(points: Sequence[RDPoint], metric: str) -> str | None:
+    for key in (metric, metric + RANDOM_SUFFIX):
+        if any(key in p.metrics for p in points):
+            return key
+    return None
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return ""
+        if math.isinf(value):
+            return "inf"
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _read_metrics_doc(path: Path) -> dict[str, Any] | None:
+    import json
+
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def build_report(
+    reports_dir: str | os.PathLike[str],
+    qualities: Sequence[str],
+    *,
+    out_dir: str | os.PathLike[str] | None = None,
+    summary_path: str | os.PathLike[str] | None = None,
+    reference: str = REFERENCE_METHOD,
+    bd_metrics: Sequence[str] = BD_METRICS,
+) -> ReportResult:
+    """RD plots, RD point files and a Markdown summary with BD-rates against ``reference``,
+    from ``reports_dir/<quality>/points.json`` and ``reports_dir/baselines/points.json``.
+
+    Writes ``out_dir`` (default ``reports_dir/rd``): ``figures/rd_<metric>.png`` for every
+    metric measured, ``points.json``, ``points.csv``, ``by_method/<method>.csv`` (one curve
+    per method across the qualities); and ``summary_path`` (default
+    ``reports_dir/summary.md``).
+    A missing input is listed in the summary; none at all is an error.
+    """
+    reports = Path(reports_dir)
+    out = Path(out_dir) if out_dir is not None else reports / "rd"
+    summary_file = Path(summary_path) if summary_path is not None else reports / "summary.md"
+    points: list[RDPoint] = []
+    missing: list[str] = []
+    docs: dict[str, dict[str, Any]] = {}
+    for name in [*qualities, "baselines"]:
+        path = reports / name / "points.json"
+        if not path.is_file():
+            missing.append(str(path))
+            continue
+        points.extend(read_points_json(path))
+        doc = _read_metrics_doc(reports / name / "metrics.json")
+        if doc is not None:
+            docs[name] = doc
+    if not points:
+        raise EvaluationError(
+            f"nothing to report: none of {', '.join(missing)} exists; run the evaluate stages first"
+        )
+    notes: list[str] = []
+    if missing:
+        notes.append(f"Missing inputs (not in this report): {', '.join(missing)}.")
+    fingerprints = {n: d.get("test_set", {}).get("fingerprint") for n, d in docs.items()}
+    if len({f for f in fingerprints.values() if f}) > 1:
+        notes.append(
+            "The evaluations ran on DIFFERENT test sets (test_set.fingerprint: "
+            + ", ".join(f"{n} {f}" for n, f in fingerprints.items())
+            + "): rates and qualities are not comparable across them; re-run them with "
+            "the same params."
+        )
+    random = sorted({b for d in docs.values() for b in d.get("random_backbones") or []})
+    if random:
+        notes.append(
+            f"RANDOM backbones ({', '.join(random)}): the `{RANDOM_SUFFIX}` numbers test the "
+            "code path only and are not LPIPS/FID/KID."
+        )
+
+    plot_metrics = [m for m in _REPORT_METRICS if _metric_present(points, m)]
+    clear_folder(out / "figures", ".png")  # a metric or method may be gone since
+    clear_folder(out / "by_method", ".csv")
+    plots = plot_rd_all(points, out / "figures", metrics=plot_metrics)
+    files = {f"plot/{p.stem}": p for p in plots}
+    for name, path in write_points(points, out).items():
+        files[name if name in ("json", "csv") else f"by_method/{name}"] = path
+
+    lines = ["# PLVC evaluation", ""]
+    test_set = next((d["test_set"] for d in docs.values() if "test_set" in d), None)
+    if test_set:
+        gop = next(iter(docs.values())).get("gop")
+        lines += [
+            f"Test set: {test_set.get('sequences')} sequences, {test_set.get('frames')} frames "
+            f"({test_set.get('vimeo_clips')} Vimeo-90k test clips, "
+            f"{test_set.get('yuv_sequences')} YUV sequences), centre-cropped to multiples of "
+            f"{test_set.get('crop_multiple')} px; GOP {gop} (capped at each sequence's "
+            "length). Rates are real bitstream sizes, I-frames included.",
+            "",
+        ]
+    lines += [f"> **Note.** {n}" for n in notes]
+    if notes:
+        lines.append("")
+
+    lines += [f"## BD-rate against {reference}", ""]
+    by_method = curves(points)
+    present = {m: _metric_present(points, m) for m in bd_metrics}
+    measured = [key for key in present.values() if key]
+    if reference not in by_method:
+        lines.append(
+            f"n/a: no {reference} points (run `evaluate_baselines` with a {reference} entry "
+            "in `evaluate.baselines`)."
+        )
+    elif measured:
+        try:
+            lines.append(bd_rate_table(points, reference, metrics=measured))
+        except BDRateError as exc:
+            lines.append(f"n/a: {exc}")
+    for metric, key in present.items():
+        if key is None:
+            why = _WHY_ABSENT.get(metric, "not in `evaluate.metrics`")
+            lines.append(
+                f"- BD-rate in {_METRIC_NAMES.get(metric, metric)}: n/a: not measured, {why}."
+            )
+    lines += [
+        "",
+        'Cells read "n/a" where a curve has fewer than 2 points, is not monotonic, or the '
+        "curves share no quality range. Negative: fewer bits than the reference at equal "
+        "quality.",
+        "",
+    ]
+
+    if reference in by_method:
+        ref_rates = [p.bpp for p in by_method[reference]]
+        lo, hi = min(ref_rates), max(ref_rates)
+        outside = [
+            f"{p.method} {p.point} ({p.bpp:.4f})"
+            for name, pts in by_method.items()
+            if name != reference
+            for p in pts
+            if not lo <= p.bpp <= hi
+        ]
+        lines += ["## Anchor coverage", "", f"{reference} spans {lo:.4f} to {hi:.4f} bpp."]
+        if outside:
+            lines.append(
+                "Outside it (BD-rates cover only the overlap of two curves; add anchor rate "
+                "points to `evaluate.baselines` to cover these): " + ", ".join(outside) + "."
+            )
+        lines.append("")
+
+    columns = [key for m in _REPORT_METRICS if (key := _metric_present(points, m))]
+    lines += ["## Rate-distortion points", ""]
+    lines.append("| method | point | bpp | " + " | ".join(columns) + " |")
+    lines.append("|---|---|---:|" + "---:|" * len(columns))
+    for name, pts in by_method.items():
+        for p in pts:
+            cells = [_fmt(p.metrics.get(k, math.nan)) for k in columns]
+            lines.append(f"| {name} | {p.point} | {p.bpp:.4f} | " + " | ".join(cells) + " |")
+    lines += ["", "## Plots", ""]
+    for plot in plots:
+        rel = os.path.relpath(plot, summary_file.parent)
+        lines.append(f"![{plot.stem}]({rel})")
+    lines.append("")
+    write_bytes_atomic(summary_file, "\n".join(lines).encode())
+    files["summary"] = summary_file
+    return ReportResult(points, plots, summary_file, files, notes, missing)

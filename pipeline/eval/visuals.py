@@ -1,0 +1,105 @@
+"""Images of an evaluation: decoded frames of every method side by side and temporal profiles
+(paper Figs. 1 and 6).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    pass
+from pipeline.eval.testset import TestSequence
+
+__all__ = [
+    "VISUAL_SPAN",
+    "Visuals",
+    "temporal_profile",
+]
+
+
+#: frames of a sequence shown in the images (frame grid and temporal profile)
+VISUAL_SPAN = 32
+
+
+_VIEW = (256, 448)  # (height, width) of the centre window shown of each frame
+
+
+_LABEL_WIDTH = 176
+
+
+def _label_strip(lines: Sequence[str], height: int, width: int = _LABEL_WIDTH) -> np.ndarray:
+    import cv2
+
+    strip = np.full((height, width, 3), 255, np.uint8)
+    for k, text in enumerate(lines):
+        y = 16 + 16 * k
+        if y > height - 2:
+            break
+        cv2.putText(strip, text, (4, y), cv2.FONT_HERSHEY_SIMPLEX, 0.42, (0, 0, 0), 1, cv2.LINE_AA)
+    return strip
+
+
+def temporal_profile(frames: np.ndarray, row: int | None = None, scale: int = 1) -> np.ndarray:
+    """Pixel row ``row`` (default: the middle) of every frame of ``uint8 [T, H, W, 3]``,
+    stacked over time, each frame ``scale`` pixels tall (paper Figs. 1, 6): ``[T*scale, W, 3]``."""
+    y = frames.shape[1] // 2 if row is None else row
+    return np.repeat(frames[:, y], scale, axis=0)
+
+
+class Visuals:
+    """Decoded frames and temporal profiles of one sequence, every method on one image."""
+
+    def __init__(self, seq: TestSequence, gop: int) -> None:
+        self.seq = seq
+        self.span = min(seq.num_frames, VISUAL_SPAN)
+        self.period = period = seq.gop(gop)
+        self.columns = sorted({0, min(period, self.span) - 1, self.span - 1})
+        vh, vw = min(_VIEW[0], seq.height), min(_VIEW[1], seq.width)
+        self.top, self.left = (seq.height - vh) // 2, (seq.width - vw) // 2
+        self.view = (vh, vw)
+        self.entries: list[tuple[list[str], np.ndarray]] = []
+        self.add(["original", seq.name[:26]], seq.frames)
+
+    def add(self, label: Sequence[str], decoded: np.ndarray, position: int | None = None) -> None:
+        """Keep the shown window of ``decoded`` (``uint8 [T, H, W, 3]``), labelled."""
+        vh, vw = self.view
+        window = decoded[: self.span, self.top : self.top + vh, self.left : self.left + vw]
+        entry = (list(label), np.ascontiguousarray(window))
+        self.entries.insert(len(self.entries) if position is None else position, entry)
+
+    def render(self) -> dict[str, np.ndarray]:
+        vh, vw = self.view
+        gap = 4
+        rows = []
+        header = [_label_strip([f"{self.seq.width}x{self.seq.height}"], 20)]
+        for c in self.columns:
+            kind = "I" if c % self.period == 0 else "P"
+            header += [
+                np.full((20, gap, 3), 255, np.uint8),
+                _label_strip([f"frame {c} ({kind})"], 20, vw),
+            ]
+        rows.append(np.concatenate(header, axis=1))
+        for label, window in self.entries:
+            cells = [_label_strip(label, vh)]
+            for c in self.columns:
+                cells += [np.full((vh, gap, 3), 255, np.uint8), window[c]]
+            rows += [
+                np.full((gap, rows[0].shape[1], 3), 255, np.uint8),
+                np.concatenate(cells, axis=1),
+            ]
+        scale = max(1, 96 // self.span)
+        blocks = []
+        for label, window in self.entries:
+            profile = temporal_profile(window, scale=scale)
+            strip = _label_strip(label, max(profile.shape[0], 36))
+            if profile.shape[0] < strip.shape[0]:
+                pad = np.full((strip.shape[0] - profile.shape[0], vw, 3), 255, np.uint8)
+                profile = np.concatenate([profile, pad])
+            blocks += [
+                np.concatenate([strip, profile], axis=1),
+                np.full((gap, _LABEL_WIDTH + vw, 3), 255, np.uint8),
+            ]
+        return {"frames": np.concatenate(rows), "profile": np.concatenate(blocks[:-1])}
