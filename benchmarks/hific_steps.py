@@ -32,7 +32,8 @@ import torch
 from pipeline.config import Params, RunnerConfig
 from pipeline.ray_cluster import init_ray, shutdown_ray
 from pipeline.train.phases.hific import HiFiCGANPhase, HiFiCWarmupPhase
-from pipeline.train.runner import PhaseStepper, run_phase
+from pipeline.train.runner import run_phase
+from pipeline.train.stepper import PhaseStepper
 from plvc.hific import HiFiC, HiFiCConfig, save_hific
 from plvc.hific_losses import HiFiCLossWeights
 

@@ -33,7 +33,8 @@ from pipeline.train.phases.plvc import (
     discriminator_config,
     model_config,
 )
-from pipeline.train.runner import PhaseStepper, run_phase
+from pipeline.train.runner import run_phase
+from pipeline.train.stepper import PhaseStepper
 
 #: the paper's schedule (Table 1 text, official code): steps per phase at batch 4
 PAPER_STEPS = {"single_p": 300_000, "multi_p": 200_000, "gan": 100_000}

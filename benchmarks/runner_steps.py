@@ -26,14 +26,9 @@ from torch import Tensor, nn
 
 from pipeline.config import Params, RunnerConfig
 from pipeline.ray_cluster import init_ray, shutdown_ray
-from pipeline.train.runner import (
-    PhaseModels,
-    PhaseOptimizers,
-    PhaseStepper,
-    TrainingPhase,
-    compressai_optimizers,
-    run_phase,
-)
+from pipeline.train.phase import PhaseModels, PhaseOptimizers, TrainingPhase, compressai_optimizers
+from pipeline.train.runner import run_phase
+from pipeline.train.stepper import PhaseStepper
 
 
 class TinyCodec(CompressionModel):

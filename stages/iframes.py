@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> None:
     import numpy as np
 
     from pipeline.config import load_params
-    from pipeline.data.iframes import code_iframes, iframe_side_by_side, read_iframe_columns
+    from pipeline.data.iframes import code_iframes, iframe_side_by_side
+    from pipeline.data.training_clips import read_iframe_columns
     from pipeline.io import write_json_atomic
     from pipeline.ray_cluster import ray_session
     from pipeline.tracking import log_json_artifact, stage_run

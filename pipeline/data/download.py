@@ -53,8 +53,6 @@ them again.
 
 from __future__ import annotations
 
-from pipeline.errors import PipelineError
-
 import hashlib
 import json
 import logging
@@ -74,8 +72,9 @@ import requests
 import urllib3
 from tqdm import tqdm
 
-from pipeline.io import write_json_atomic
 from pipeline.config import DownloadConfig
+from pipeline.errors import PipelineError
+from pipeline.io import write_json_atomic
 
 __all__ = [
     "MANIFEST_NAME",

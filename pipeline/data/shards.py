@@ -60,10 +60,6 @@ The manifest holds no timestamps: the same input and parameters give the same ma
 
 from __future__ import annotations
 
-from pipeline.errors import PipelineError
-from pipeline.io import atomic_path, is_temp_name, write_json_atomic
-
-import contextlib
 import hashlib
 import json
 import logging
@@ -85,6 +81,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
+
+from pipeline.errors import PipelineError
+from pipeline.io import atomic_path, is_temp_name, write_json_atomic
 
 __all__ = [
     "FORMAT_NAME",

@@ -8,10 +8,11 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from pipeline.eval.measure import EvaluationResult, is_metric_key
 from pipeline.eval.metrics import (
     EvaluationError,
     json_safe,
@@ -21,10 +22,6 @@ from pipeline.eval.rd import (
     write_points,
 )
 from pipeline.io import write_bytes_atomic
-
-if TYPE_CHECKING:
-    pass
-from pipeline.eval.measure import EvaluationResult, is_metric_key
 
 __all__ = [
     "clear_folder",

@@ -382,7 +382,7 @@ def _csv_text(rows: Sequence[Mapping[str, Any]]) -> str:
 
 
 def write_frame_rows_csv(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> Path:
-    """Per-frame metric rows (:class:`~pipeline.eval.metrics.MetricResult`) as CSV, for DVC plots."""
+    """Per-frame metric rows (:class:`~pipeline.eval.metrics.MetricResult`) as CSV (DVC plots)."""
     path = Path(path)
     write_text_atomic(path, _csv_text(rows))
     return path

@@ -9,12 +9,14 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from pipeline.eval.measure import REFERENCE_METHOD
 from pipeline.eval.metrics import (
     RANDOM_SUFFIX,
     EvaluationError,
 )
+from pipeline.eval.outputs import clear_folder
 from pipeline.eval.rd import (
     PLOT_METRICS,
     BDRateError,
@@ -26,11 +28,6 @@ from pipeline.eval.rd import (
     write_points,
 )
 from pipeline.io import write_bytes_atomic
-
-if TYPE_CHECKING:
-    pass
-from pipeline.eval.measure import REFERENCE_METHOD
-from pipeline.eval.outputs import clear_folder
 
 __all__ = [
     "BD_METRICS",

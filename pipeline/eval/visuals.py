@@ -5,18 +5,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-if TYPE_CHECKING:
-    pass
 from pipeline.eval.testset import TestSequence
+from pipeline.images import temporal_profile
 
 __all__ = [
     "VISUAL_SPAN",
     "Visuals",
-    "temporal_profile",
 ]
 
 
@@ -40,13 +37,6 @@ def _label_strip(lines: Sequence[str], height: int, width: int = _LABEL_WIDTH) -
             break
         cv2.putText(strip, text, (4, y), cv2.FONT_HERSHEY_SIMPLEX, 0.42, (0, 0, 0), 1, cv2.LINE_AA)
     return strip
-
-
-def temporal_profile(frames: np.ndarray, row: int | None = None, scale: int = 1) -> np.ndarray:
-    """Pixel row ``row`` (default: the middle) of every frame of ``uint8 [T, H, W, 3]``,
-    stacked over time, each frame ``scale`` pixels tall (paper Figs. 1, 6): ``[T*scale, W, 3]``."""
-    y = frames.shape[1] // 2 if row is None else row
-    return np.repeat(frames[:, y], scale, axis=0)
 
 
 class Visuals:

@@ -145,8 +145,7 @@ def _train(
 
     from pipeline.data.datasets import read_encoded_septuplets_ray
     from pipeline.ray_cluster import ray_session
-    from pipeline.train.runner import run_phase
-    from pipeline.train.runner_utils import fingerprinted_run_name
+    from pipeline.train.runner import fingerprinted_run_name, run_phase
     from plvc.weights import file_sha256
 
     cfg = params.hific

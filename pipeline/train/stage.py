@@ -5,7 +5,7 @@ One stage execution (:func:`run_training_stage`):
 
 1. one MLflow run ``<stage>-<quality>`` (:func:`pipeline.tracking.stage_run`);
 2. Ray (local, or the cluster of ``RAY_ADDRESS``/``ray.address``) and the training clips
-   with their decoded I-frames (:func:`pipeline.data.iframes.read_training_clips` over
+   with their decoded I-frames (:func:`pipeline.data.training_clips.read_training_clips` over
    ``paths.shards/train`` and ``paths.iframes/<q>/train``);
 3. :func:`pipeline.train.runner.run_phase` in the Ray run :func:`ray_run_name` (stage, quality
    and a fingerprint of settings, seed, init weights and data: a re-run with the same ones
@@ -33,14 +33,14 @@ import torch
 
 from pipeline.config import QUALITIES, Params, load_params
 from pipeline.io import write_csv_atomic
+from pipeline.train.phase import RunnerError
 from pipeline.train.phases.plvc import PHASE_STAGES, PLVCPhase, build_phase
-from pipeline.train.runner import RunnerError
-from pipeline.train.runner_utils import fingerprinted_run_name
+from pipeline.train.runner import fingerprinted_run_name
 from plvc.weights import file_sha256
 
 __all__ = [
     "heldout_metrics",
-    "intra_spec",
+    "iframe_intra_spec",
     "loss_curves",
     "plots_dir",
     "ray_run_name",
@@ -59,7 +59,7 @@ def plots_dir(params: Params) -> Path:
     return Path(params.paths.metrics).parent / "plots"
 
 
-def intra_spec(iframe_root: Path) -> tuple[str, dict[str, Any]]:
+def iframe_intra_spec(iframe_root: Path) -> tuple[str, dict[str, Any]]:
     """``(name, config)`` of the intra codec that made the I-frames in ``iframe_root``
     (from its ``manifest.json``): what rebuilds it with ``plvc.intra.get_intra_codec``."""
     manifest = Path(iframe_root) / "manifest.json"
@@ -109,8 +109,8 @@ def heldout_metrics(
     Returns ``{"clips", "bpp", "psnr", "bpp_per_frame": {"p1": ...}, "psnr_per_frame": ...}``
     (means over clips; ``bpp`` and ``psnr`` also over the P-frames).
     """
-    from pipeline.data.datasets import frames_to_tensor
-    from pipeline.data.iframes import read_training_clips
+    from pipeline.data.clips import batch_to_tensor
+    from pipeline.data.training_clips import read_training_clips
     from plvc.entropy import bpp
     from plvc.weights import load_weights
 
@@ -123,8 +123,8 @@ def heldout_metrics(
     psnrs: list[list[float]] = []
     with torch.no_grad():
         for row in ds.iter_rows():
-            frames = _crop_to_stride(frames_to_tensor(row["frames"], dev), model.stride)[None]
-            iframe = _crop_to_stride(frames_to_tensor(row["iframe"], dev), model.stride)[None]
+            frames = _crop_to_stride(batch_to_tensor(row["frames"], dev), model.stride)[None]
+            iframe = _crop_to_stride(batch_to_tensor(row["iframe"], dev), model.stride)[None]
             out = model(frames, iframe)
             pixels = frames.shape[-2] * frames.shape[-1]
             x_hat = (out["x_hat"].clamp(0, 1) * 255).round() / 255
@@ -268,12 +268,13 @@ def run_training_stage(phase_name: str, params: Params, quality: str) -> dict[st
     metrics written to ``paths.metrics/<q>/<stage>.json``."""
     import mlflow
 
-    from pipeline.data.iframes import IFrameError, read_training_clips
+    from pipeline.data.iframe_files import IFrameError
+    from pipeline.data.training_clips import read_training_clips
     from pipeline.io import write_json_atomic
     from pipeline.ray_cluster import ray_session
     from pipeline.tracking import log_json_artifact, repo_root, stage_run
-    from pipeline.train.runner import run_phase
-    from pipeline.train.runner_utils import resolve_storage_path
+    from pipeline.train.checkpoint import ray_run_dir
+    from pipeline.train.runner import resolve_storage_path, run_phase
 
     if phase_name not in PHASE_STAGES:
         raise RunnerError(f"unknown PLVC phase {phase_name!r}; one of {sorted(PHASE_STAGES)}")
@@ -281,7 +282,7 @@ def run_training_stage(phase_name: str, params: Params, quality: str) -> dict[st
     section = getattr(params.train, section_name)
     paths = params.paths
     iframe_root = Path(paths.iframes) / quality
-    name, config = intra_spec(iframe_root)
+    name, config = iframe_intra_spec(iframe_root)
     phase = build_phase(phase_name, params, quality, intra_name=name, intra_config=config)
     mlflow_run_name = f"{stage}-{quality}"
     export_dir = Path(paths.models) / quality / phase_name
@@ -295,7 +296,7 @@ def run_training_stage(phase_name: str, params: Params, quality: str) -> dict[st
         stage, quality, phase, init_weights=init_weights, iframe_root=iframe_root, seed=params.seed
     )
     storage = resolve_storage_path(params.runner.storage_path, repo_root())
-    ray_run_path = f"{storage.rstrip('/')}/{run_name}"
+    ray_run_path = ray_run_dir(storage, run_name)
 
     with stage_run(
         stage,

@@ -14,7 +14,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import load_params
-from pipeline.data.datasets import decode_png_rgb
+from pipeline.data.clips import decode_png_rgb
 from plvc.errors import WeightsError
 from plvc.hific import HiFiC, HiFiCConfig, load_hific, save_hific
 from plvc.intra import get_intra_codec

@@ -16,8 +16,8 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import load_params
+from pipeline.train.phase import RunnerError
 from pipeline.train.phases.plvc import MultiPPhase, SinglePPhase, model_config
-from pipeline.train.runner import RunnerError
 from pipeline.train.stage import loss_curves, plots_dir, ray_run_name
 from plvc.weights import load_weights
 from stages import download as download_stage

@@ -1,5 +1,5 @@
 """HiFiC's two training phases (Mentzer et al., "High-Fidelity Generative Image Compression",
-NeurIPS 2020, section 4 "Training"), as :class:`~pipeline.train.runner.TrainingPhase` dataclasses.
+NeurIPS 2020, section 4 "Training"), as :class:`~pipeline.train.phase.TrainingPhase` dataclasses.
 
 - :class:`HiFiCWarmupPhase`: the rate-distortion(-perception) model HiFiC's GAN stage starts
   from: ``L = λ' r(y) + k_M MSE + k_P LPIPS`` with the target-switching rate weight λ'
@@ -47,16 +47,16 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.config import ConfigError, Params
-from pipeline.data.datasets import decode_png_rgb, frames_to_tensor
+from pipeline.data.clips import batch_to_tensor, decode_png_rgb
 from pipeline.eval.metrics import build_lpips, load_lpips_trunk
-from pipeline.train.runner import (
+from pipeline.images import image_grid
+from pipeline.train.phase import (
     DataError,
     PhaseModels,
     PhaseOptimizers,
     RunnerError,
     TrainingPhase,
     compressai_optimizers,
-    image_grid,
 )
 from plvc.errors import WeightsError
 from plvc.hific import HiFiC, HiFiCConfig, HiFiCDiscriminator, load_hific, save_hific
@@ -217,7 +217,7 @@ class HiFiCWarmupPhase(TrainingPhase):
                 if self.random_flip and bool(torch.rand(()) < 0.5):
                     image = image[:, ::-1]
                 images.append(image)
-        return frames_to_tensor(np.stack(images), device, non_blocking=True)
+        return batch_to_tensor(np.stack(images), device, non_blocking=True)
 
     def forward(self, models: PhaseModels, batch: Tensor, step: int) -> dict[str, Any]:
         return {"x": batch, **models.generator(batch)}

@@ -1,5 +1,5 @@
 """PLVC's three training phases (paper "Training strategies", eqs. 4-6, Table 1) as
-:class:`~pipeline.train.runner.TrainingPhase` s for :func:`~pipeline.train.runner.run_phase`.
+:class:`~pipeline.train.phase.TrainingPhase` s for :func:`~pipeline.train.runner.run_phase`.
 
 - :class:`SinglePPhase`, eq. 4: ``R(y_1) + λ·MSE(x̂_1, x_1)`` on the first P-frame, the
   reference being the HiFiC-decoded I-frame. The official code's warm-up comes first
@@ -13,7 +13,8 @@
   ("w/o GAN", "w/o h^D", "w/o h^D, w/o m_i") and the official loss (+ LPIPS, rate summed
   over the clip) are switches.
 
-Batches are rows of :func:`pipeline.data.iframes.read_training_clips`: ``frames`` (the original
+Batches are rows of :func:`pipeline.data.training_clips.read_training_clips`: ``frames``
+(the original
 im1..imN) and ``iframe`` (the decoded im1, same crop). Every phase logs each loss term per
 frame position (keys ``<term>/p<i>``), bpp per frame and, for the GAN phase, the share of
 frames where α1 was active and D's mean output on real and fake; sample images show
@@ -37,16 +38,15 @@ from torch import Tensor, nn
 
 from pipeline.config import Params
 from pipeline.eval.metrics import MissingWeightsError, build_lpips, load_lpips_trunk
-from pipeline.train.runner import (
+from pipeline.images import image_grid, temporal_profile, to_uint8_image
+from pipeline.train.phase import (
     DataError,
     PhaseModels,
     PhaseOptimizers,
     RunnerError,
     TrainingPhase,
     compressai_optimizers,
-    image_grid,
 )
-from pipeline.train.runner_utils import to_uint8_image
 from plvc.discriminator import DiscriminatorConfig, RecurrentConditionalDiscriminator
 from plvc.generator import PLVC, PLVCConfig
 from plvc.losses import (
@@ -71,11 +71,11 @@ __all__ = [
     "PLVCPhase",
     "SinglePPhase",
     "build_phase",
+    "clip_temporal_profiles",
     "discriminator_config",
     "load_discriminator",
     "model_config",
     "per_frame_scalars",
-    "temporal_profile",
 ]
 
 #: the param naming the AlexNet weights of the official GAN loss's LPIPS term
@@ -226,20 +226,18 @@ def per_frame_scalars(terms: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def temporal_profile(*clips: Tensor, row: int | None = None, scale: int = 6) -> np.ndarray:
-    """Temporal profiles (paper Figs. 1, 6): pixel row ``row`` (default: the middle) of
-    every frame of each clip ``[T, 3, H, W]``, stacked over time (each frame ``scale``
-    pixels tall), one block per clip, top to bottom. Flicker shows as horizontal streaks."""
+def clip_temporal_profiles(*clips: Tensor, row: int | None = None, scale: int = 6) -> np.ndarray:
+    """Temporal profiles (paper Figs. 1, 6) of clips ``[T, 3, H, W]`` in [0, 1], one block
+    per clip, top to bottom (:func:`pipeline.images.temporal_profile` of each). Flicker shows
+    as horizontal streaks."""
     if not clips:
-        raise ValueError("temporal_profile needs at least one clip")
+        raise ValueError("clip_temporal_profiles needs at least one clip")
     blocks = []
     for clip in clips:
         if clip.dim() != 4 or clip.shape[1] != 3 or clip.shape[1:] != clips[0].shape[1:]:
             raise ValueError(f"clips must be [T, 3, H, W] of one size, got {tuple(clip.shape)}")
-        y = clip.shape[2] // 2 if row is None else row
-        lines = clip[:, :, y, :]  # [T, 3, W]
-        profile = lines.permute(1, 0, 2).repeat_interleave(scale, dim=1)  # [3, T*scale, W]
-        blocks.append(to_uint8_image(profile))
+        frames = np.stack([to_uint8_image(frame) for frame in clip])
+        blocks.append(temporal_profile(frames, row=row, scale=scale))
     gap = np.full((4, blocks[0].shape[1], 3), 255, np.uint8)
     out = [blocks[0]]
     for block in blocks[1:]:
@@ -253,7 +251,7 @@ def _column(rows: Mapping[str, np.ndarray], key: str, name: str, ndim: int) -> n
         shape = None if value is None else getattr(value, "shape", type(value).__name__)
         raise DataError(
             f"phase {name!r}: batch column {key!r} must be uint8 with {ndim} dims "
-            f"(rows of pipeline.data.iframes.read_training_clips), got {shape}"
+            f"(rows of pipeline.data.training_clips.read_training_clips), got {shape}"
         )
     return value
 
@@ -363,7 +361,7 @@ class PLVCPhase(TrainingPhase):
         or per-clip arrays of several sizes) -> a fresh random ``crop`` window (and flip)
         per clip, the same for its frames and its I-frame, drawn from the worker's torch
         RNG (seeded per rank, restored on resume): every epoch sees new crops."""
-        from pipeline.data.datasets import frames_to_tensor
+        from pipeline.data.clips import batch_to_tensor
 
         frames = _column(rows, "frames", self.name, 5)
         iframes = _column(rows, "iframe", self.name, 4)
@@ -402,8 +400,8 @@ class PLVCPhase(TrainingPhase):
             clips.append(clip)
             refs.append(iframe)
         return ClipBatch(
-            frames_to_tensor(np.stack(clips), device, non_blocking=True),
-            frames_to_tensor(np.stack(refs), device, non_blocking=True),
+            batch_to_tensor(np.stack(clips), device, non_blocking=True),
+            batch_to_tensor(np.stack(refs), device, non_blocking=True),
         )
 
     # -- images --------------------------------------------------------------------------
@@ -418,7 +416,7 @@ class PLVCPhase(TrainingPhase):
         originals = frames[0, 1:]
         return {
             "reconstruction": image_grid(originals, x_hat, max_items=x_hat.shape[0]),
-            "temporal_profile": temporal_profile(
+            "temporal_profile": clip_temporal_profiles(
                 torch.cat([frames[0, :1], originals]), torch.cat([iframe, x_hat])
             ),
         }

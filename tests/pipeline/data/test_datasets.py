@@ -11,15 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data.datasets import (
-    SeptupletShards,
-    aligned_random_crop,
-    clip_rng,
-    decode_png_rgb,
-    frames_to_tensor,
-    read_encoded_septuplets_ray,
-    read_septuplets_ray,
-)
+from pipeline.data.clips import aligned_random_crop, batch_to_tensor, clip_rng, decode_png_rgb
+from pipeline.data.datasets import SeptupletShards, read_encoded_septuplets_ray, read_septuplets_ray
 
 from ..conftest import FRAME_H, FRAME_W, TEST_IDS, TRAIN_IDS
 
@@ -160,14 +153,14 @@ def test_septuplet_shards_refuses_bad_arguments_clearly(
 def test_frames_to_tensor_layout_and_range() -> None:
     batch = np.random.default_rng(0).integers(0, 256, size=(2, 5, 8, 12, 3), dtype=np.uint8)
     batch.setflags(write=False)  # as Ray hands batches out
-    tensor = frames_to_tensor(batch)
+    tensor = batch_to_tensor(batch)
     assert tensor.shape == (2, 5, 3, 8, 12) and tensor.dtype == torch.float32
     assert tensor.is_contiguous()
     assert tensor[1, 4, 2, 7, 11].item() == pytest.approx(batch[1, 4, 7, 11, 2] / 255)
     assert tensor.min() >= 0 and tensor.max() <= 1
-    torch.testing.assert_close(frames_to_tensor(torch.from_numpy(batch.copy())), tensor)
+    torch.testing.assert_close(batch_to_tensor(torch.from_numpy(batch.copy())), tensor)
     with pytest.raises(ValueError, match="expected uint8"):
-        frames_to_tensor(batch.astype(np.float32))
+        batch_to_tensor(batch.astype(np.float32))
 
 
 @pytest.mark.ray
@@ -183,7 +176,7 @@ def test_ray_reader_gives_the_same_clips_and_crops_as_the_torch_reader(
         item = reference[index]
         frames = rows[item["clip_id"]]
         assert frames.shape == (5, 32, 48, 3) and frames.dtype == np.uint8
-        torch.testing.assert_close(frames_to_tensor(frames), item["frames"])
+        torch.testing.assert_close(batch_to_tensor(frames), item["frames"])
 
     whole = read_septuplets_ray(
         split, crop=None, random_flip=False, seed=0, with_clip_id=False, batch_size=4

@@ -14,20 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.data.datasets import (
-    _draw_window,
-    clip_rng,
-    decode_png_rgb,
-    read_septuplets_ray,
-)
-from pipeline.data.iframes import (
-    IFRAME_SCHEMA,
-    IFrameError,
-    code_iframes,
-    iframe_side_by_side,
-    load_iframes,
-    read_training_clips,
-)
+from pipeline.data.clips import clip_rng, decode_png_rgb, draw_window
+from pipeline.data.datasets import read_septuplets_ray
+from pipeline.data.iframe_files import IFRAME_SCHEMA, IFrameError
+from pipeline.data.iframes import code_iframes, iframe_side_by_side
+from pipeline.data.training_clips import load_iframes, read_training_clips
 from plvc.hific import HiFiC, HiFiCConfig, save_hific
 from plvc.intra import get_intra_codec
 
@@ -182,7 +173,7 @@ def test_training_reader_crops_frames_and_iframe_with_one_window(
     }
     flips = 0
     for r in rows:
-        w = _draw_window(64, 96, crop, clip_rng(seed, r["clip_id"]), True)
+        w = draw_window(64, 96, crop, clip_rng(seed, r["clip_id"]), True)
         flips += w.flip
         full = stored[r["clip_id"]][w.top : w.top + w.height, w.left : w.left + w.width]
         np.testing.assert_array_equal(r["iframe"], full[:, ::-1] if w.flip else full)

@@ -15,8 +15,9 @@ import torchvision
 
 from pipeline.config import ConfigError, Params
 from pipeline.eval.metrics import MissingWeightsError
+from pipeline.train.phase import DataError, RunnerError
 from pipeline.train.phases.hific import HiFiCGANPhase, HiFiCWarmupPhase, hific_phases
-from pipeline.train.runner import DataError, PhaseStepper, RunnerError
+from pipeline.train.stepper import PhaseStepper
 from plvc.hific import HiFiCConfig, load_hific
 from plvc.hific_losses import HiFiCLossWeights
 from plvc.intra import get_intra_codec

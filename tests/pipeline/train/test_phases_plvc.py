@@ -26,25 +26,25 @@ from pipeline.config import (
     TrainConfig,
 )
 from pipeline.tracking import stage_run
+from pipeline.train.checkpoint import (
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from pipeline.train.phase import DataError, RunnerError
 from pipeline.train.phases.plvc import (
     ClipBatch,
     GanPhase,
     MultiPPhase,
     SinglePPhase,
     build_phase,
+    clip_temporal_profiles,
     discriminator_config,
     load_discriminator,
-    temporal_profile,
 )
-from pipeline.train.runner import (
-    DataError,
-    PhaseStepper,
-    RunnerError,
-    load_checkpoint,
-    run_phase,
-    save_checkpoint,
-)
-from pipeline.train.runner_utils import capture_rng_state, restore_rng_state
+from pipeline.train.runner import run_phase
+from pipeline.train.stepper import PhaseStepper
 from plvc.generator import PLVCConfig
 from plvc.losses import frame_rates, mse_per_frame
 from plvc.weights import load_weights
@@ -416,7 +416,7 @@ def test_batches_get_a_fresh_aligned_crop_per_clip_and_step() -> None:
 def test_temporal_profile_stacks_one_row_over_time() -> None:
     clip = torch.zeros(3, 3, 8, 5)
     clip[1] = 1.0  # a flickering frame
-    image = temporal_profile(clip, clip * 0.5, scale=2)
+    image = clip_temporal_profiles(clip, clip * 0.5, scale=2)
     assert image.shape == (2 * 3 * 2 + 4, 5, 3)
     assert image[:2].max() == 0 and image[2:4].min() == 255 and image[4:6].max() == 0
     assert math.isclose(float(image[4 + 6 + 2, 0, 0]), 128, abs_tol=1)

@@ -25,21 +25,24 @@ from mlflow.tracking import MlflowClient
 from torch import Tensor, nn
 
 from pipeline.config import Params, RunnerConfig, TrackingConfig
+from pipeline.images import image_grid
 from pipeline.tracking import stage_run
-from pipeline.train.runner import (
+from pipeline.train.checkpoint import (
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from pipeline.train.phase import (
     NonFiniteLossError,
     PhaseModels,
     PhaseOptimizers,
-    PhaseStepper,
     RunnerError,
     TrainingPhase,
     compressai_optimizers,
-    image_grid,
-    load_checkpoint,
-    run_phase,
-    save_checkpoint,
 )
-from pipeline.train.runner_utils import capture_rng_state, restore_rng_state
+from pipeline.train.runner import run_phase
+from pipeline.train.stepper import PhaseStepper
 
 FRAMES, SIZE, CLIPS = 2, 32, 16
 
