@@ -25,14 +25,8 @@ import torch
 
 from pipeline.config import Params, RunnerConfig
 from pipeline.ray_cluster import init_ray, shutdown_ray
-from pipeline.train.phases.plvc import (
-    GanPhase,
-    MultiPPhase,
-    PLVCPhase,
-    SinglePPhase,
-    discriminator_config,
-    model_config,
-)
+from pipeline.train.phases.plvc import GanPhase, MultiPPhase, PLVCPhase, SinglePPhase
+from pipeline.train.phases.plvc_models import discriminator_config, model_config
 from pipeline.train.runner import run_phase
 from pipeline.train.stepper import PhaseStepper
 
@@ -43,7 +37,10 @@ PAPER_STEPS = {"single_p": 300_000, "multi_p": 200_000, "gan": 100_000}
 def _phase(name: str, model: str, crop: int, batch: int, pframes: int) -> PLVCPhase:
     cfg = model_config(model)
     common: dict[str, Any] = {
-        "crop": crop, "batch_size": batch, "model": cfg.to_dict(), "shuffle_buffer_rows": 0
+        "crop": crop,
+        "batch_size": batch,
+        "model": cfg.to_dict(),
+        "shuffle_buffer_rows": 0,
     }
     if name == "single_p":
         return SinglePPhase(**common)
@@ -91,9 +88,7 @@ def _plain(phase: PLVCPhase, steps: int, clips: list[dict[str, Any]]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["tiny", "paper"], choices=["tiny", "paper"])
-    parser.add_argument(
-        "--phases", nargs="+", default=list(PAPER_STEPS), choices=list(PAPER_STEPS)
-    )
+    parser.add_argument("--phases", nargs="+", default=list(PAPER_STEPS), choices=list(PAPER_STEPS))
     parser.add_argument("--workers", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--crop", type=int, default=64)
     parser.add_argument("--batch", type=int, default=2)

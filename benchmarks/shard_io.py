@@ -45,7 +45,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pipeline.data.shards import FRAMES_PER_CLIP, SPLIT_LISTS, list_shards, shard_septuplets
+from pipeline.data.shards import list_shards, shard_septuplets
+from pipeline.data.vimeo_layout import FRAMES_PER_CLIP, SPLIT_LISTS
 
 # torch is imported where it is used: the shard workers (spawned) import this module, and
 # importing torch in each would be timed as sharding work

@@ -39,4 +39,3 @@ def run_stage(main: Callable[[list[str] | None], None], argv: list[str] | None =
     except KeyboardInterrupt:
         print("interrupted: outputs written so far are kept; re-run to resume", file=sys.stderr)
         sys.exit(130)
-

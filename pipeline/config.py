@@ -315,9 +315,7 @@ class TrainConfig(_Strict):
 
     model: Literal["tiny", "paper"] = "paper"
     discriminator: Literal["tiny", "paper"] = "paper"
-    single_p: SinglePConfig = Field(
-        default_factory=lambda: SinglePConfig(steps=300_000, lr=1e-4)
-    )
+    single_p: SinglePConfig = Field(default_factory=lambda: SinglePConfig(steps=300_000, lr=1e-4))
     multi_p: MultiPConfig = Field(
         default_factory=lambda: MultiPConfig(
             steps=200_000, lr=1e-4, lr_milestones=[100_000, 150_000]
@@ -357,7 +355,14 @@ class EvaluateConfig(_Strict):
         Literal["psnr_rgb", "psnr_y", "ms_ssim", "lpips", "tdiff_mae", "tlp", "fid", "kid"]
     ] = Field(
         default_factory=lambda: [
-            "psnr_rgb", "psnr_y", "ms_ssim", "lpips", "tdiff_mae", "tlp", "fid", "kid"
+            "psnr_rgb",
+            "psnr_y",
+            "ms_ssim",
+            "lpips",
+            "tdiff_mae",
+            "tlp",
+            "fid",
+            "kid",
         ],
         min_length=1,
     )

@@ -1,5 +1,4 @@
-"""Images for people: tensors to uint8 pictures and grids of samples (MLflow, reports).
-"""
+"""Images for people: tensors to uint8 pictures and grids of samples (MLflow, reports)."""
 
 from __future__ import annotations
 

@@ -103,9 +103,7 @@ def _check_reachable(uri: str, timeout_s: float) -> None:
     elif uri.startswith("sqlite:///"):
         db = Path(uri.removeprefix("sqlite:///"))
         if not db.parent.is_dir():
-            raise TrackingUnavailableError(
-                f"MLflow store {uri}: folder {db.parent} does not exist"
-            )
+            raise TrackingUnavailableError(f"MLflow store {uri}: folder {db.parent} does not exist")
 
 
 def configure_tracking(params: Params | None = None) -> str:
@@ -166,7 +164,11 @@ def pipeline_id() -> str:
 def _git(*args: str) -> str | None:
     try:
         out = subprocess.run(
-            ["git", *args], capture_output=True, text=True, check=True, timeout=10,
+            ["git", *args],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
             cwd=repo_root(),
         )
     except (OSError, subprocess.SubprocessError):
@@ -197,8 +199,9 @@ def _parent_run_id(client: MlflowClient, experiment_id: str, tags: dict[str, str
         return found[0].info.run_id
     name = tags[f"{_TAG}dvc_exp_name"] or f"pipeline-{pid[:8]}"
     run = client.create_run(
-        experiment_id, run_name=name, tags={**tags, f"{_TAG}role": "pipeline",
-                                            f"{_TAG}dvc_stage": ""},
+        experiment_id,
+        run_name=name,
+        tags={**tags, f"{_TAG}role": "pipeline", f"{_TAG}dvc_stage": ""},
     )
     client.set_terminated(run.info.run_id, "FINISHED")
     return run.info.run_id
@@ -230,8 +233,9 @@ def stage_run(
     with mlflow.start_run(run_name=name, tags=tags) as run:
         values = {"seed": params.seed, **flatten(dict(logged_params or {}))}
         # MLflow params are strings of bounded size; lists and None are logged as JSON
-        mlflow.log_params({k: json.dumps(v) if not isinstance(v, str) else v
-                           for k, v in values.items()})
+        mlflow.log_params(
+            {k: json.dumps(v) if not isinstance(v, str) else v for k, v in values.items()}
+        )
         print(
             f"[{name}] MLflow run {run.info.run_id} (pipeline {pid}) in "
             f"{mlflow.get_tracking_uri()}",

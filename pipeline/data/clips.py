@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline.data.shards import FRAMES_PER_CLIP
+from pipeline.data.vimeo_layout import FRAMES_PER_CLIP
 
 if TYPE_CHECKING:
     pass

@@ -25,7 +25,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from torch.utils.data import Dataset
 
-from pipeline.data.shards import FRAMES_PER_CLIP, SPLIT_LISTS
+from pipeline.data.vimeo_layout import FRAMES_PER_CLIP, SPLIT_LISTS
 
 if TYPE_CHECKING:
     import ray.data

@@ -1,4 +1,4 @@
-"""The I-frame Parquet files (format: ``docs/iframes.md``): schema, names, metadata and the
+"""The I-frame Parquet files (format: ``docs/data.md``): schema, names, metadata and the
 error their readers and writer raise.
 """
 

@@ -1,6 +1,6 @@
 """The ``iframes@<quality>`` stage's work: frame 1 of every clip coded once with HiFiC on a Ray
 Data actor pool (:func:`code_iframes`), written aligned with the shards in the format of
-``docs/iframes.md``; a re-run keeps the files that are complete for the same shards and weights.
+``docs/data.md``; a re-run keeps the files that are complete for the same shards and weights.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.data.shards import FRAMES_PER_CLIP, SPLIT_LISTS
+from pipeline.data.vimeo_layout import FRAMES_PER_CLIP, SPLIT_LISTS
 
 if TYPE_CHECKING:
     pass

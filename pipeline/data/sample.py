@@ -31,7 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.config import SampleConfig
-from pipeline.data.download import (
+from pipeline.data.vimeo_layout import (
     SEQUENCES,
     TEST_LIST,
     TRAIN_LIST,

@@ -1,61 +1,6 @@
-"""Vimeo-90k septuplets to Parquet shards (the ``shard`` stage's machinery).
-
-Input: a raw folder in Vimeo-90k septuplet layout::
-
-    <raw>/sequences/00001/0001/im1.png ... im7.png
-    <raw>/sep_trainlist.txt     one clip id ("00001/0001") per line, blank lines ignored
-    <raw>/sep_testlist.txt
-
-Output (``out_dir``)::
-
-    train/part-00000.parquet ...    one septuplet per row, schema SEPTUPLET_SCHEMA
-    test/part-00000.parquet ...
-    manifest.json                   written last: its presence means the stage finished
-
-Row schema (:data:`SEPTUPLET_SCHEMA`, schema metadata ``plvc.format`` = ``"plvc-septuplet"``,
-``plvc.format_version`` = ``"1"``):
-
-``clip_id`` (string)
-    The clip's id as listed, ``"<sequence>/<clip>"``, e.g. ``"00001/0001"``; the folder
-    ``sequences/<clip_id>`` it came from. Rows are sorted by it within and across shards.
-``height``, ``width`` (int32)
-    Size in pixels shared by all seven frames (256 x 448 for Vimeo-90k).
-``frames`` (fixed-size list of 7 binary)
-    The bytes of ``im1.png`` ... ``im7.png`` exactly as on disk, in temporal order: never
-    re-encoded, so a reader decodes exactly the pixels of the raw dataset. Every frame was
-    checked at shard time: a PNG that OpenCV decodes to 8-bit, 3 channels, all seven frames
-    the same size (or, with ``verify="structure"``, its chunks' CRCs and header agree).
-
-Shards are planned as contiguous chunks of ``rows_per_shard`` listed clips of the sorted,
-de-duplicated clip list; a shard holds fewer rows when some of its clips were skipped. Each
-shard is written by one worker process in row groups of ``row_group_rows`` rows, under a
-hidden temporary name, then renamed. Its Parquet key-value metadata records ``plvc.plan``, a
-hash of the shard's clip ids, their frame files' sizes and the shard parameters, so a re-run
-keeps a shard whose plan is unchanged and rewrites only missing or stale ones.
-
-``manifest.json`` fields:
-
-``format``, ``format_version``
-    As the schema metadata.
-``raw_root``
-    The raw folder, as given.
-``params``
-    ``rows_per_shard``, ``row_group_rows``, ``max_skipped_fraction``, ``expected_size``
-    (``[height, width]`` or null), ``verify`` (``"decode"`` or ``"structure"``).
-``ok``, ``errors``
-    Whether the stage succeeded, and why not (one message per failing split).
-``splits.<train|test>``
-    ``list_file`` (name of the clip list), ``listed`` (non-blank lines), ``clips`` (rows
-    written), ``skipped`` (listed lines not written), ``skipped_fraction``
-    (``skipped / listed``), ``png_bytes`` (frame bytes stored), ``file_bytes`` (size of the
-    Parquet files), ``shards`` (number of files), ``frame_sizes`` (``{"<H>x<W>": clips}``),
-    ``files`` (per shard: ``path`` relative to ``out_dir``, ``clips``, ``row_groups``,
-    ``png_bytes``, ``file_bytes``, ``first_clip``, ``last_clip``, ``plan``), and
-    ``skipped_clips`` (``{"clip_id", "reason"}`` for each skipped line, sorted by clip id).
-``totals``
-    ``clips``, ``skipped``, ``png_bytes``, ``file_bytes``, ``shards`` over both splits.
-
-The manifest holds no timestamps: the same input and parameters give the same manifest.
+"""Vimeo-90k septuplets to Parquet shards (the ``shard`` stage): one septuplet per row, PNG
+bytes kept as they are, every frame checked, bad clips skipped and counted, a re-run keeping
+the shards whose plan is unchanged. Schema and manifest: ``docs/data.md``.
 """
 
 from __future__ import annotations
@@ -67,7 +12,6 @@ import multiprocessing as mp
 import os
 import re
 import threading
-import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
@@ -77,32 +21,35 @@ from pathlib import Path
 from typing import Any, Literal
 
 import cv2
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from pipeline.data.png_check import check_clip
+from pipeline.data.vimeo_layout import FRAMES_PER_CLIP, SPLIT_LISTS
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_path, is_temp_name, write_json_atomic
 
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
-    "FRAMES_PER_CLIP",
+    "MANIFEST_NAME",
     "SEPTUPLET_SCHEMA",
-    "SPLIT_LISTS",
     "ShardError",
     "list_shards",
+    "log",
     "shard_septuplets",
 ]
 
+
 log = logging.getLogger(__name__)
 
+
 FORMAT_NAME = "plvc-septuplet"
+
+
 FORMAT_VERSION = 1
-FRAMES_PER_CLIP = 7
-#: split name -> clip list file in the raw folder
-SPLIT_LISTS: dict[str, str] = {"train": "sep_trainlist.txt", "test": "sep_testlist.txt"}
+
 
 SEPTUPLET_SCHEMA = pa.schema(
     [
@@ -114,14 +61,24 @@ SEPTUPLET_SCHEMA = pa.schema(
     metadata={"plvc.format": FORMAT_NAME, "plvc.format_version": str(FORMAT_VERSION)},
 )
 
+
 MANIFEST_NAME = "manifest.json"
+
+
 _SHARD_NAME = "part-{:05d}.parquet"
+
+
 _SHARD_RE = re.compile(r"^part-\d{5,}\.parquet$")
+
+
 # "<sequence>/<clip>" with plain name characters: nothing that could climb out of sequences/
 _CLIP_ID_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*/[A-Za-z0-9_-][A-Za-z0-9_.-]*$")
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
 # an Arrow binary array addresses its values with int32 offsets
 _MAX_BINARY_BYTES = 2**31 - 1
+
+
 # how many checked clips a worker batches into one progress message
 _PROGRESS_EVERY = 8
 
@@ -273,9 +230,6 @@ def list_shards(split_dir: str | os.PathLike[str]) -> list[Path]:
     return sorted(p for p in split_dir.iterdir() if _SHARD_RE.match(p.name))
 
 
-# --- planning ----------------------------------------------------------------------------
-
-
 def _plan_clips(
     listed: dict[str, list[str]],
 ) -> tuple[dict[str, list[str]], dict[str, list[dict[str, str]]]]:
@@ -315,9 +269,6 @@ def _remove_stale_files(out: Path, planned: set[str]) -> None:
             if is_temp_name(path.name) or (_SHARD_RE.match(path.name) and rel not in planned):
                 log.info("removing stale %s", path)
                 path.unlink()
-
-
-# --- running -----------------------------------------------------------------------------
 
 
 def _available_cores() -> int:
@@ -431,7 +382,7 @@ def _write_checked_clips(
 
     try:
         for clip_id in task.clip_ids:
-            checked = _check_clip(raw / "sequences" / clip_id, task.expected_size, task.verify)
+            checked = check_clip(raw / "sequences" / clip_id, task.expected_size, task.verify)
             pending += 1
             if pending >= _PROGRESS_EVERY:
                 report(pending)
@@ -549,106 +500,6 @@ def _read_kept(final: Path, plan: str) -> dict[str, Any] | None:
     except (OSError, pa.ArrowException, KeyError, ValueError):
         return None  # unreadable or foreign file: rewrite it
     return {**summary, "file_bytes": final.stat().st_size, "status": "kept"}
-
-
-def _check_clip(
-    clip_dir: Path, expected_size: tuple[int, int] | None, verify: str = "decode"
-) -> tuple[list[bytes], tuple[int, int]] | str:
-    """The seven frames' file bytes and (height, width), or why the clip is unusable."""
-    inspect = _inspect_decoded if verify == "decode" else _inspect_structure
-    frames: list[bytes] = []
-    size: tuple[int, int] | None = None
-    for k in range(1, FRAMES_PER_CLIP + 1):
-        name = f"im{k}.png"
-        try:
-            data = (clip_dir / name).read_bytes()
-        except FileNotFoundError:
-            return f"missing {name}"
-        except OSError as exc:
-            return f"cannot read {name}: {exc.strerror or exc}"
-        if not data.startswith(_PNG_SIGNATURE):
-            return f"{name} is not a PNG file ({len(data)} bytes)"
-        info = inspect(data)
-        if isinstance(info, str):
-            return f"{name} is corrupt: {info} ({len(data)} bytes)"
-        height, width, channels, bits = info
-        if bits != 8:
-            return f"{name} has {bits}-bit samples, expected 8-bit"
-        if channels != 3:
-            return f"{name} has {channels} channel(s), expected 3 (RGB)"
-        if size is None:
-            size = (height, width)
-            if expected_size is not None and size != expected_size:
-                want_h, want_w = expected_size
-                return f"{name} is {width}x{height} (WxH), expected {want_w}x{want_h}"
-        elif (height, width) != size:
-            return f"{name} is {width}x{height} (WxH) but im1.png is {size[1]}x{size[0]}"
-        frames.append(data)
-    assert size is not None
-    return frames, size
-
-
-def _inspect_decoded(data: bytes) -> tuple[int, int, int, int] | str:
-    """(height, width, channels, bits per sample) of the image OpenCV decodes."""
-    try:
-        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    except cv2.error:
-        image = None
-    if image is None:
-        return "OpenCV cannot decode it"
-    channels = 1 if image.ndim == 2 else image.shape[2]
-    return int(image.shape[0]), int(image.shape[1]), channels, image.dtype.itemsize * 8
-
-
-# channels libpng gives per PNG colour type (palette expands to RGB)
-_PNG_CHANNELS = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}
-
-
-def _inspect_structure(data: bytes) -> tuple[int, int, int, int] | str:
-    """(height, width, channels, bits per sample) from the PNG's chunks, every CRC checked.
-
-    Catches what damages real files (truncation, flipped bytes, foreign data) at a fraction
-    of a decode's cost; unlike a decode it trusts a deflate stream whose CRC is right.
-    """
-    view = memoryview(data)
-    pos, end_of_data = len(_PNG_SIGNATURE), len(data)
-    header: tuple[int, int, int, int] | None = None
-    transparency = has_image = False
-    while True:
-        if pos + 12 > end_of_data:
-            return "truncated (no IEND chunk)"
-        length = int.from_bytes(view[pos : pos + 4], "big")
-        kind = bytes(view[pos + 4 : pos + 8])
-        end = pos + 12 + length
-        if end > end_of_data:
-            return f"truncated inside a {kind.decode('latin-1')!r} chunk"
-        if zlib.crc32(view[pos + 4 : end - 4]) != int.from_bytes(view[end - 4 : end], "big"):
-            return f"CRC mismatch in a {kind.decode('latin-1')!r} chunk"
-        if header is None:
-            if kind != b"IHDR" or length != 13:
-                return "first chunk is not IHDR"
-            width = int.from_bytes(view[pos + 8 : pos + 12], "big")
-            height = int.from_bytes(view[pos + 12 : pos + 16], "big")
-            bits, colour = view[pos + 16], view[pos + 17]
-            if colour not in _PNG_CHANNELS:
-                return f"unknown colour type {colour}"
-            header = (height, width, _PNG_CHANNELS[colour], 8 if colour == 3 else bits)
-        elif kind == b"tRNS":
-            transparency = True
-        elif kind == b"IDAT":
-            has_image = True
-        elif kind == b"IEND":
-            break
-        pos = end
-    if not has_image:
-        return "no IDAT chunk"
-    height, width, channels, bits = header
-    if transparency and channels in (1, 3):  # libpng adds an alpha channel
-        channels += 1
-    return height, width, channels, bits
-
-
-# --- manifest ----------------------------------------------------------------------------
 
 
 def _build_manifest(

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline.data.shards import FRAMES_PER_CLIP, SPLIT_LISTS
+from pipeline.data.vimeo_layout import FRAMES_PER_CLIP, SPLIT_LISTS
 
 if TYPE_CHECKING:
     import ray.data

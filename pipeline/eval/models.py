@@ -13,9 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from pipeline.eval.metrics import (
-    EvaluationError,
-)
+from pipeline.eval.metrics import EvaluationError
 from plvc.weights import file_sha256
 
 if TYPE_CHECKING:

@@ -13,10 +13,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.eval.measure import EvaluationResult, is_metric_key
-from pipeline.eval.metrics import (
-    EvaluationError,
-    json_safe,
-)
+from pipeline.eval.metrics import EvaluationError, json_safe
 from pipeline.eval.rd import (
     write_frame_rows_csv,
     write_points,

@@ -12,10 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.eval.measure import REFERENCE_METHOD
-from pipeline.eval.metrics import (
-    RANDOM_SUFFIX,
-    EvaluationError,
-)
+from pipeline.eval.metrics import RANDOM_SUFFIX, EvaluationError
 from pipeline.eval.outputs import clear_folder
 from pipeline.eval.rd import (
     PLOT_METRICS,

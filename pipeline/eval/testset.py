@@ -14,9 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from pipeline.eval.metrics import (
-    EvaluationError,
-)
+from pipeline.eval.metrics import EvaluationError
 
 if TYPE_CHECKING:
     from pipeline.config import YUVSequence
@@ -157,7 +155,7 @@ class TestSet:
 
     def total_frames(self) -> int:
         """Frames over all sequences (Vimeo clips: the shards' frames per clip)."""
-        from pipeline.data.shards import FRAMES_PER_CLIP
+        from pipeline.data.vimeo_layout import FRAMES_PER_CLIP
 
         return sum(s.frames for s in self.yuv) + FRAMES_PER_CLIP * len(self._clip_indices)
 

@@ -53,7 +53,9 @@ def test_bad_params_fail_before_any_work(write_params, tmp_path: Path) -> None:
     params_file = write_params(**{"shard.row_group_rows": -3})
     proc = subprocess.run(
         [sys.executable, "-m", "stages.shard", "--params", str(params_file)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 1
     assert "shard.row_group_rows = -3" in proc.stderr
@@ -65,7 +67,9 @@ def test_shard_without_raw_data_names_the_folder(write_params, tmp_path: Path) -
     params_file = write_params()
     proc = subprocess.run(
         [sys.executable, "-m", "stages.shard", "--params", str(params_file)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 1, proc.stderr
     assert str(tmp_path / "data/raw/vimeo_septuplet") in proc.stderr
@@ -74,6 +78,7 @@ def test_shard_without_raw_data_names_the_folder(write_params, tmp_path: Path) -
 
 @pytest.mark.parametrize("flag", ["--help"])
 def test_stage_help(flag: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "stages.download", flag],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "stages.download", flag], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0 and "--params" in proc.stdout

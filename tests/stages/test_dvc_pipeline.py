@@ -26,8 +26,9 @@ def _run(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Complete
 def scratch_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
     """A git + DVC checkout of the tracked files with a one-video sample."""
     root = tmp_path_factory.mktemp("repo")
-    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True,
-                           check=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
     for name in files:
         if (REPO / name).is_file():
             (root / name).parent.mkdir(parents=True, exist_ok=True)
@@ -38,8 +39,11 @@ def scratch_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[s
     )
     params["shard"]["workers"] = 2
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-           "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+    }
     env.pop("PLVC_PIPELINE_ID", None)
     _run(["git", "init", "-q"], root, env)
     _run(["git", "add", "-A"], root, env)

@@ -235,7 +235,7 @@ def test_missing_backbone_stops_before_any_work(
 def test_cached_backbone_absent_names_the_param(
     write_params: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pipeline.eval.metrics import MissingWeightsError
+    from pipeline.backbones import MissingWeightsError
     from stages.evaluate_baselines import main
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))

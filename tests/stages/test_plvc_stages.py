@@ -17,7 +17,8 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.config import load_params
 from pipeline.train.phase import RunnerError
-from pipeline.train.phases.plvc import MultiPPhase, SinglePPhase, model_config
+from pipeline.train.phases.plvc import MultiPPhase, SinglePPhase
+from pipeline.train.phases.plvc_models import model_config
 from pipeline.train.stage import loss_curves, plots_dir, ray_run_name
 from plvc.weights import load_weights
 from stages import download as download_stage
@@ -51,8 +52,14 @@ def sample_with_iframes(
             "runner.log_every": 1,
             "runner.image_every": 2,
             "train.multi_p": {
-                "steps": TRAIN_STEPS, "lr": 1e-3, "aux_lr": 1e-3, "batch_size": 2, "crop": 64,
-                "lr_milestones": [2], "lr_gamma": 0.5, "num_pframes": 2,
+                "steps": TRAIN_STEPS,
+                "lr": 1e-3,
+                "aux_lr": 1e-3,
+                "batch_size": 2,
+                "crop": 64,
+                "lr_milestones": [2],
+                "lr_gamma": 0.5,
+                "num_pframes": 2,
             },
             "evaluate.max_clips": 2,
         }
@@ -63,8 +70,14 @@ def sample_with_iframes(
     torch.manual_seed(0)
     weights = save_hific(tmp_path / "hific.pt", HiFiC(HiFiCConfig.tiny()))
     code_iframes(
-        params.paths.shards, params.paths.iframes / "low", weights, quality="low",
-        batch_size=8, num_actors=1, use_gpu=False, progress=False,
+        params.paths.shards,
+        params.paths.iframes / "low",
+        weights,
+        quality="low",
+        batch_size=8,
+        num_actors=1,
+        use_gpu=False,
+        progress=False,
     )
     return params_file
 
@@ -80,8 +93,11 @@ def test_train_multi_p_stage_trains_exports_and_reports(sample_with_iframes: Pat
     models = params.paths.models / "low"
 
     # the previous phase's export is required, and named when missing
-    with pytest.raises(RunnerError, match=r"single_p/generator.pt does not exist: run "
-                                          r"train_single_p@low first"):
+    with pytest.raises(
+        RunnerError,
+        match=r"single_p/generator.pt does not exist: run "
+        r"train_single_p@low first",
+    ):
         train_multi_p.main(["--params", str(sample_with_iframes), "--quality", "low"])
 
     # a single-P export (eq. 4's weights) to start from, written as the phase writes it
@@ -132,8 +148,11 @@ def test_stage_without_iframes_names_the_missing_stage(
     write_params, own_mlflow_store: None
 ) -> None:
     params_file = write_params()
-    with pytest.raises(RunnerError, match=r"iframes/medium/manifest.json does not exist: run "
-                                          r"the iframes stage"):
+    with pytest.raises(
+        RunnerError,
+        match=r"iframes/medium/manifest.json does not exist: run "
+        r"the iframes stage",
+    ):
         train_gan.main(["--params", str(params_file), "--quality", "medium"])
 
 
@@ -187,8 +206,9 @@ def test_ray_run_name_follows_settings_seed_weights_and_data(tmp_path: Path) -> 
     (data / "manifest.json").write_text('{"codec": {"name": "hific"}}')
 
     def name(p: MultiPPhase = phase, seed: int = 0) -> str:
-        return ray_run_name("train_multi_p", "low", p, init_weights=init, iframe_root=data,
-                            seed=seed)
+        return ray_run_name(
+            "train_multi_p", "low", p, init_weights=init, iframe_root=data, seed=seed
+        )
 
     first = name()
     assert first.startswith("train_multi_p-low-") and name() == first

@@ -27,7 +27,7 @@ rate weight; :class:`~plvc.hific_losses.HiFiCLossWeights`) counts the steps of b
 LPIPS (``k_p > 0``) needs AlexNet weights that cannot be downloaded here:
 ``hific.lpips_backbone`` names a torchvision AlexNet state dict (``alexnet-owt-*.pth``);
 :meth:`HiFiCWarmupPhase.load_lpips` reads and checks it on the driver before Ray starts
-(:func:`pipeline.eval.metrics.load_lpips_trunk`) and ships the trunk to the workers with the phase.
+(:func:`pipeline.backbones.load_lpips_trunk`) and ships the trunk to the workers with the phase.
 The linear LPIPS v0.1 heads ship with the ``lpips`` package.
 
 Export: ``hific.pt`` (:func:`plvc.hific.save_hific`, entropy-coder tables refreshed), which
@@ -46,9 +46,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from pipeline.backbones import build_lpips, load_lpips_trunk
 from pipeline.config import ConfigError, Params
 from pipeline.data.clips import batch_to_tensor, decode_png_rgb
-from pipeline.eval.metrics import build_lpips, load_lpips_trunk
 from pipeline.images import image_grid
 from pipeline.train.phase import (
     DataError,

@@ -20,15 +20,9 @@ import pytest
 
 import pipeline.data.download as download_module
 from pipeline.config import DownloadConfig, SampleConfig
-from pipeline.data.download import (
-    MANIFEST_NAME,
-    DownloadError,
-    copy_layout,
-    download_file,
-    extract_zip,
-    prepare_raw,
-    validate_vimeo_layout,
-)
+from pipeline.data.download import copy_layout, extract_zip, prepare_raw
+from pipeline.data.fetch import download_file
+from pipeline.data.vimeo_layout import MANIFEST_NAME, DownloadError, validate_vimeo_layout
 
 # larger than the 1 MiB read size, so an interruption keeps some bytes to resume from
 PAYLOAD = np.random.default_rng(7).bytes(2_600_000)

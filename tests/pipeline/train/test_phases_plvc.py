@@ -33,12 +33,9 @@ from pipeline.train.checkpoint import (
     save_checkpoint,
 )
 from pipeline.train.phase import DataError, RunnerError
-from pipeline.train.phases.plvc import (
+from pipeline.train.phases.plvc import GanPhase, MultiPPhase, SinglePPhase, build_phase
+from pipeline.train.phases.plvc_models import (
     ClipBatch,
-    GanPhase,
-    MultiPPhase,
-    SinglePPhase,
-    build_phase,
     clip_temporal_profiles,
     discriminator_config,
     load_discriminator,
@@ -129,8 +126,14 @@ def test_phases_chain_on_two_workers_and_export_loadable_weights(
     # eq. 4 with both warm-up sub-phases: DDP must cope with weights that get no gradient
     single = SinglePPhase(**common, flow_steps=1, mc_steps=1)
     first = run_phase(
-        single, params, stage="train_single_p", run_name="single-low",
-        datasets=datasets, max_steps=3, init_weights=None, export_dir=models / "single_p",
+        single,
+        params,
+        stage="train_single_p",
+        run_name="single-low",
+        datasets=datasets,
+        max_steps=3,
+        init_weights=None,
+        export_dir=models / "single_p",
     )
     assert first["steps"] == 3 and first["world_size"] == 2
     model, meta = load_weights(models / "single_p" / "generator.pt")
@@ -150,8 +153,14 @@ def test_phases_chain_on_two_workers_and_export_loadable_weights(
     gan = GanPhase(**common, num_pframes=3, discriminator=TINY_D, lr_d=1e-3)
     with stage_run("train_gan", params, run_name="train_gan-low") as run:
         third = run_phase(
-            gan, params, stage="train_gan", run_name="gan-low", datasets=datasets,
-            max_steps=2, init_weights=models / "single_p", export_dir=models / "gan",
+            gan,
+            params,
+            stage="train_gan",
+            run_name="gan-low",
+            datasets=datasets,
+            max_steps=2,
+            init_weights=models / "single_p",
+            export_dir=models / "gan",
         )
     files = sorted(p.name for p in (models / "gan").iterdir())
     assert files == ["discriminator.pt", "generator.pt", "result.json"]
@@ -160,10 +169,19 @@ def test_phases_chain_on_two_workers_and_export_loadable_weights(
     assert d.config.use_hidden_state and d.config.latent_channels == 2 * TINY.latent_channels
     final = third["final_metrics"]
     for key in (
-        "train/d_loss", "train/d_real", "train/d_fake", "train/d_real/p3", "train/d_fake/p1",
-        "train/alpha1_active", "train/alpha1_active/p2", "train/adversarial/p3",
-        "train/rate_term", "train/distortion_term", "train/adversarial_term",
-        "lr/discriminator", "perf/clips_per_s_per_worker",
+        "train/d_loss",
+        "train/d_real",
+        "train/d_fake",
+        "train/d_real/p3",
+        "train/d_fake/p1",
+        "train/alpha1_active",
+        "train/alpha1_active/p2",
+        "train/adversarial/p3",
+        "train/rate_term",
+        "train/distortion_term",
+        "train/adversarial_term",
+        "lr/discriminator",
+        "perf/clips_per_s_per_worker",
     ):
         assert key in final, key
     assert 0.0 <= final["train/d_real"] <= 1.0 and 0.0 <= final["train/alpha1_active"] <= 1.0
@@ -216,8 +234,9 @@ def test_multi_p_gradient_of_the_last_frame_reaches_the_first_frame() -> None:
 
     out = phase.forward(models, ClipBatch(frames, batch.iframe), step=1)
     b, _, _, h, w = frames.shape
-    last = frame_rates(out["likelihoods"], b * h * w)["total"][-1] + phase.lmbda * (
-        mse_per_frame(out["x_hat"], frames[:, 1:])[-1]
+    last = (
+        frame_rates(out["likelihoods"], b * h * w)["total"][-1]
+        + phase.lmbda * (mse_per_frame(out["x_hat"], frames[:, 1:])[-1])
     )
     last.backward()
     assert x1.grad is not None and x1.grad.abs().sum() > 0
@@ -236,9 +255,7 @@ def test_multi_p_gradient_of_the_last_frame_reaches_the_first_frame() -> None:
     assert x1.grad is None
 
 
-def _craft_outputs(
-    phase: GanPhase, batch: ClipBatch, rates: list[float]
-) -> dict[str, Any]:
+def _craft_outputs(phase: GanPhase, batch: ClipBatch, rates: list[float]) -> dict[str, Any]:
     """Generator outputs whose P-frame i costs exactly ``rates[i]`` bpp (motion latent)."""
     b, _, _, h, w = batch.frames.shape
     m = TINY.latent_channels
@@ -258,8 +275,16 @@ def _craft_outputs(
 
 def test_gan_loss_switches_alpha_at_the_rate_target(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    gan = GanPhase(crop=SIZE, num_pframes=3, discriminator=TINY_D, r_target=0.05,
-                   alpha1=3.0, alpha2=0.01, lmbda_gan=100.0, beta=0.1)
+    gan = GanPhase(
+        crop=SIZE,
+        num_pframes=3,
+        discriminator=TINY_D,
+        r_target=0.05,
+        alpha1=3.0,
+        alpha2=0.01,
+        lmbda_gan=100.0,
+        beta=0.1,
+    )
     models = gan.build_models()
     batch = _batch(frames=4)
     rates = [2 * 0.05, 0.5 * 0.05, 1.01 * 0.05]  # above, below, just above R_T
@@ -309,10 +334,13 @@ def test_ablation_switches_change_what_the_discriminator_sees() -> None:
     batch = _batch(frames=3)
 
     def phase(**gan: Any) -> GanPhase:
-        params = Params(train=TrainConfig(
-            model="tiny", discriminator="tiny",
-            gan=GanConfig(steps=1, lr=1e-4, crop=SIZE, num_pframes=2, **gan),
-        ))
+        params = Params(
+            train=TrainConfig(
+                model="tiny",
+                discriminator="tiny",
+                gan=GanConfig(steps=1, lr=1e-4, crop=SIZE, num_pframes=2, **gan),
+            )
+        )
         built = build_phase("gan", params, "low")
         assert isinstance(built, GanPhase)
         return built
@@ -358,8 +386,15 @@ def test_ablation_switches_change_what_the_discriminator_sees() -> None:
 def test_gan_checkpoint_continues_exactly_with_d_and_its_schedule(tmp_path: Path) -> None:
     """G, D, the three optimizers and both LR schedules (milestone after step 2) resume
     exactly: step 2 after a reload matches an uninterrupted run bit for bit."""
-    phase = GanPhase(crop=SIZE, num_pframes=2, discriminator=TINY_D, lr=1e-3, lr_d=1e-3,
-                     lr_milestones=[2], lr_gamma=0.5)
+    phase = GanPhase(
+        crop=SIZE,
+        num_pframes=2,
+        discriminator=TINY_D,
+        lr=1e-3,
+        lr_d=1e-3,
+        lr_milestones=[2],
+        lr_gamma=0.5,
+    )
     batches = [_batch(frames=3, seed=10 * i) for i in range(2)]
 
     def fresh(seed: int) -> tuple[Any, Any, PhaseStepper]:
@@ -370,8 +405,16 @@ def test_gan_checkpoint_continues_exactly_with_d_and_its_schedule(tmp_path: Path
 
     models, optimizers, stepper = fresh(0)
     stepper.step(batches[0], 1)
-    save_checkpoint(tmp_path, phase, models, optimizers, step=1, epoch=0,
-                    rng_per_rank=[capture_rng_state()], metrics={})
+    save_checkpoint(
+        tmp_path,
+        phase,
+        models,
+        optimizers,
+        step=1,
+        epoch=0,
+        rng_per_rank=[capture_rng_state()],
+        metrics={},
+    )
     stepper.step(batches[1], 2)
 
     resumed, resumed_opts, resumed_stepper = fresh(1)
