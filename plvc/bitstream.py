@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import uuid
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from plvc.errors import BitstreamError
+from plvc.fileio import atomic_write_bytes
 
 __all__ = [
     "FINGERPRINT_BYTES",
@@ -41,7 +41,6 @@ __all__ = [
     "FrameRecord",
     "FrameType",
     "StreamHeader",
-    "atomic_write_bytes",
     "decode_container",
     "encode_container",
     "frame_type_for_index",
@@ -411,21 +410,6 @@ def decode_container(data: bytes | memoryview) -> tuple[StreamHeader, list[Frame
     if reader.remaining:
         raise BitstreamError(f"{reader.remaining} unexpected bytes after the last frame")
     return header, frames
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to a temporary sibling of ``path`` and rename it over ``path``."""
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        with open(tmp, "xb") as f:  # "x": default permissions (umask), never clobbers
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def pack_fields(ints: Sequence[int], strings: Sequence[bytes]) -> bytes:

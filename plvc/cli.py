@@ -171,8 +171,8 @@ def _check_output(path: Path, force: bool) -> None:
 
 
 def _encode(args: argparse.Namespace) -> str:
-    from plvc.bitstream import atomic_write_bytes
     from plvc.codec import VideoEncoder
+    from plvc.fileio import atomic_write_bytes
     from plvc.intra import get_intra_codec
     from plvc.video_io import open_video
     from plvc.weights import load_weights

@@ -26,13 +26,11 @@ in any process, even when the transforms ran on a GPU.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import json
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -47,6 +45,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 from plvc.bitstream import MAX_DIMENSION, pack_fields, unpack_fields
 from plvc.determinism import cpu_functional_call, deterministic_coding
 from plvc.errors import BitstreamError, IntraCodecError, WeightsError
+from plvc.fileio import atomic_torch_save
 from plvc.intra import register_intra_codec
 from plvc.weights import file_sha256
 
@@ -481,9 +480,7 @@ class HiFiCDiscriminator(nn.Module):
     detached, as in the release: D must not shape the encoder through its condition.
     """
 
-    def __init__(
-        self, latent_channels: int, channels: int = 64, num_downsampling: int = 3
-    ) -> None:
+    def __init__(self, latent_channels: int, channels: int = 64, num_downsampling: int = 3) -> None:
         super().__init__()
         self.latent_conv = spectral_norm(nn.Conv2d(latent_channels, 12, 3, padding=1))
         layers: list[nn.Module] = []
@@ -541,17 +538,7 @@ def save_hific(
         "meta": _plain(dict(meta or {}), "HiFiC checkpoint meta"),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    atomic_torch_save(payload, path)
     return path
 
 
@@ -638,8 +625,7 @@ def unpack_hific_stream(data: bytes, stride: int) -> tuple[HiFiCStreamHeader, by
         raise BitstreamError(f"not a {_PAYLOAD} (bad magic {data[:2]!r})")
     if data[2] != _STREAM_VERSION:
         raise BitstreamError(
-            f"{_PAYLOAD} version {data[2]} is not supported (this library reads "
-            f"{_STREAM_VERSION})"
+            f"{_PAYLOAD} version {data[2]} is not supported (this library reads {_STREAM_VERSION})"
         )
     ints, strings = unpack_fields(data[3:], _PAYLOAD)
     if len(ints) != 2 or len(strings) != 2:

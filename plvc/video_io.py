@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import re
-import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 
 from plvc.errors import VideoIOError
+from plvc.fileio import atomic_write_bytes, temp_sibling
 
 __all__ = [
     "PngFolderWriter",
@@ -443,10 +443,6 @@ def read_video(path: str | os.PathLike[str], **kwargs: object) -> Video:
 # writers
 
 
-def _temp_sibling(target: Path) -> Path:
-    return target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")
-
-
 def _check_frame(frame: np.ndarray, size: tuple[int, int] | None, where: str) -> None:
     if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
         raise VideoIOError(
@@ -473,7 +469,7 @@ class Y4MWriter:
         self.matrix = matrix
         self.count = 0
         self._size: tuple[int, int] | None = None
-        self._tmp = _temp_sibling(self.path)
+        self._tmp = temp_sibling(self.path)
         self._file: BinaryIO | None = None
 
     def write(self, frame: np.ndarray) -> None:
@@ -547,12 +543,9 @@ class PngFolderWriter:
         ok, encoded = cv2.imencode(".png", np.ascontiguousarray(frame[..., ::-1]))
         if not ok:
             raise VideoIOError(f"{target}: PNG encoding failed")
-        tmp = _temp_sibling(target)
         try:
-            tmp.write_bytes(encoded.tobytes())
-            os.replace(tmp, target)
+            atomic_write_bytes(target, encoded.tobytes())
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             raise VideoIOError(f"{target}: cannot write: {exc.strerror or exc}") from None
         self.count += 1
 

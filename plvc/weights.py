@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from plvc.errors import PLVCError, WeightsError
+from plvc.fileio import atomic_torch_save
 
 if TYPE_CHECKING:
     from plvc.generator import PLVC, PLVCConfig
@@ -119,14 +119,10 @@ def save_weights(
     }
     _check_plain(payload["config"], "config")
     target = Path(path)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
-        torch.save(payload, tmp)
-        os.replace(tmp, target)
+        atomic_torch_save(payload, target)
     except OSError as exc:
         raise WeightsError(f"{target}: cannot write weights: {exc.strerror or exc}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _field(payload: Mapping[str, Any], key: str, kind: type | tuple[type, ...], path: Path) -> Any:

@@ -64,7 +64,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.config import Params
+from pipeline.config import Params, RunnerConfig
 from pipeline.io import replace_dir, write_json_atomic
 
 if TYPE_CHECKING:
@@ -110,6 +110,63 @@ def _export(
     return replace_dir(export_dir, build)
 
 
+def _fit(
+    cfg: RunnerConfig,
+    loop_config: dict[str, Any],
+    datasets: Mapping[str, ray.data.Dataset],
+    storage: str,
+    *,
+    stage: str,
+    run_dir: str,
+) -> tuple[dict[str, Any], ray.train.Checkpoint]:
+    """One ``TorchTrainer.fit`` of :func:`~pipeline.train.worker.train_worker`; returns rank 0's
+    summary and the last checkpoint, or raises the error that names what went wrong."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    run_name = loop_config["run_name"]
+    for dataset in datasets.values():
+        # the step lines are a run's progress; Ray Data's per-operator bars, drawn inside
+        # the Train actors, reach the driver's log as screens of terminal redraws
+        dataset.context.enable_progress_bars = False
+    resources = {"CPU": cfg.cpus_per_worker}
+    if cfg.use_gpu:
+        resources["GPU"] = cfg.gpus_per_worker
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else cfg.cpu_backend),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.num_to_keep),
+        ),
+        datasets=dict(datasets),
+    )
+    try:
+        fit = trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        raise TrainingRunError(
+            f"{stage}: Ray Train run {run_name!r} failed (after up to {cfg.max_failures} "
+            f"restart(s)); its checkpoints stay in {run_dir}, re-run to resume. Cause: {exc}"
+        ) from exc
+    if fit.error is not None:
+        raise TrainingRunError(f"{stage}: Ray Train run {run_name!r} failed: {fit.error}")
+    summary = fit.return_value or {}
+    if summary.get("error"):
+        kind = (
+            NonFiniteLossError if summary.get("error_type") == "NonFiniteLossError" else DataError
+        )
+        raise kind(f"{stage} ({run_name}): {summary['error']}")
+    if fit.checkpoint is None:
+        raise TrainingRunError(f"{stage}: Ray Train run {run_name!r} ended without a checkpoint")
+    return summary, fit.checkpoint
+
+
 def run_phase(
     phase: TrainingPhase,
     params: Params,
@@ -140,8 +197,6 @@ def run_phase(
     """
     import mlflow
     import ray
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipeline.ray_cluster import init_ray
     from pipeline.tracking import repo_root
@@ -212,63 +267,21 @@ def run_phase(
         init_ray(params)
         if init_weights is not None and previous is None:
             init_ref = ray.put(state)
-        for dataset in datasets.values():
-            # the step lines are a run's progress; Ray Data's per-operator bars, drawn inside
-            # the Train actors, reach the driver's log as screens of terminal redraws
-            dataset.context.enable_progress_bars = False
-        resources = {"CPU": cfg.cpus_per_worker}
-        if cfg.use_gpu:
-            resources["GPU"] = cfg.gpus_per_worker
-        trainer = TorchTrainer(
-            train_worker,
-            train_loop_config={
-                "phase": phase,
-                "run_name": run_name,
-                "max_steps": max_steps,
-                "seed": params.seed,
-                "init_weights": init_ref,
-                "tracking_uri": tracking_uri,
-                "mlflow_run_id": run_id,
-                "bf16": cfg.bf16,
-                "grad_clip": cfg.grad_clip,
-                "log_every": cfg.log_every,
-                "image_every": cfg.image_every,
-                "checkpoint_every": cfg.checkpoint_every,
-            },
-            torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else cfg.cpu_backend),
-            scaling_config=ray.train.ScalingConfig(
-                num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
-            ),
-            run_config=ray.train.RunConfig(
-                name=run_name,
-                storage_path=storage,
-                failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.num_to_keep),
-            ),
-            datasets=dict(datasets),
-        )
-        try:
-            fit = trainer.fit()
-        except ray.train.TrainingFailedError as exc:
-            raise TrainingRunError(
-                f"{stage}: Ray Train run {run_name!r} failed (after up to {cfg.max_failures} "
-                f"restart(s)); its checkpoints stay in {run_dir}, re-run to resume. Cause: {exc}"
-            ) from exc
-        if fit.error is not None:
-            raise TrainingRunError(f"{stage}: Ray Train run {run_name!r} failed: {fit.error}")
-        summary = fit.return_value or {}
-        if summary.get("error"):
-            kind = (
-                NonFiniteLossError
-                if summary.get("error_type") == "NonFiniteLossError"
-                else DataError
-            )
-            raise kind(f"{stage} ({run_name}): {summary['error']}")
-        if fit.checkpoint is None:
-            raise TrainingRunError(
-                f"{stage}: Ray Train run {run_name!r} ended without a checkpoint"
-            )
-        ckpt = fit.checkpoint
+        loop_config = {
+            "phase": phase,
+            "run_name": run_name,
+            "max_steps": max_steps,
+            "seed": params.seed,
+            "init_weights": init_ref,
+            "tracking_uri": tracking_uri,
+            "mlflow_run_id": run_id,
+            "bf16": cfg.bf16,
+            "grad_clip": cfg.grad_clip,
+            "log_every": cfg.log_every,
+            "image_every": cfg.image_every,
+            "checkpoint_every": cfg.checkpoint_every,
+        }
+        summary, ckpt = _fit(cfg, loop_config, datasets, storage, stage=stage, run_dir=run_dir)
 
     result = {
         **base_result,

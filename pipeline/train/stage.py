@@ -106,11 +106,13 @@ def heldout_metrics(
     evaluate stage codes real bitstreams). Reconstructions are rounded to 8 bits before
     PSNR (RGB, peak 1). Needs Ray (the clips come through ``read_training_clips``).
 
-    Returns ``{"clips", "bpp", "psnr", "bpp_per_frame": {"p1": ...}, "psnr_per_frame": ...}``
-    (means over clips; ``bpp`` and ``psnr`` also over the P-frames).
+    Returns ``{"clips", "bpp", "psnr", "bpp_per_frame": {"p1": ...}, "psnr_per_frame": ...,
+    "iframe_bpp", "iframe_psnr"}`` (means over clips; ``bpp`` and ``psnr`` also over the
+    P-frames; the I-frames' bpp is their real bitstreams', stored with them, and their PSNR
+    that of the decoded I-frame the P-frames start from).
     """
     from pipeline.data.clips import batch_to_tensor
-    from pipeline.data.training_clips import read_training_clips
+    from pipeline.data.training_clips import read_iframe_columns, read_training_clips
     from plvc.entropy import bpp
     from plvc.weights import load_weights
 
@@ -119,8 +121,19 @@ def heldout_metrics(
     ds = read_training_clips(
         shard_dir, iframe_dir, crop=None, random_flip=False, seed=0, num_frames=1 + num_pframes
     ).limit(max_clips)
+    iframe_dir = Path(iframe_dir)
+    table = read_iframe_columns(
+        iframe_dir.parent, iframe_dir.name, ["clip_id", "bits", "height", "width"]
+    ).to_pydict()
+    iframe_bpp = {
+        c: b / (h * w)
+        for c, b, h, w in zip(
+            table["clip_id"], table["bits"], table["height"], table["width"], strict=True
+        )
+    }
     rates: list[list[float]] = []
     psnrs: list[list[float]] = []
+    iframes: list[tuple[float, float]] = []
     with torch.no_grad():
         for row in ds.iter_rows():
             frames = _crop_to_stride(batch_to_tensor(row["frames"], dev), model.stride)[None]
@@ -131,6 +144,8 @@ def heldout_metrics(
             mse = (x_hat - frames[:, 1:]).pow(2).mean(dim=(0, 2, 3, 4))
             rates.append([float(bpp(lik, pixels)) for lik in out["likelihoods"]])
             psnrs.append([float(-10 * math.log10(max(m, 1e-12))) for m in mse.tolist()])
+            i_mse = float((iframe - frames[:, 0]).pow(2).mean())
+            iframes.append((iframe_bpp[row["clip_id"]], -10 * math.log10(max(i_mse, 1e-12))))
     if not rates:
         raise RunnerError(f"no held-out clips in {shard_dir}")
     rate, psnr = np.asarray(rates), np.asarray(psnrs)
@@ -140,6 +155,8 @@ def heldout_metrics(
         "psnr": float(psnr.mean()),
         "bpp_per_frame": {f"p{i + 1}": float(v) for i, v in enumerate(rate.mean(axis=0))},
         "psnr_per_frame": {f"p{i + 1}": float(v) for i, v in enumerate(psnr.mean(axis=0))},
+        "iframe_bpp": float(np.mean([b for b, _ in iframes])),
+        "iframe_psnr": float(np.mean([q for _, q in iframes])),
     }
 
 
@@ -342,6 +359,8 @@ def run_training_stage(phase_name: str, params: Params, quality: str) -> dict[st
             {
                 "heldout/bpp": heldout["bpp"],
                 "heldout/psnr": heldout["psnr"],
+                "heldout/iframe_bpp": heldout["iframe_bpp"],
+                "heldout/iframe_psnr": heldout["iframe_psnr"],
                 **{f"heldout/bpp/{k}": v for k, v in heldout["bpp_per_frame"].items()},
                 **{f"heldout/psnr/{k}": v for k, v in heldout["psnr_per_frame"].items()},
             }
@@ -355,7 +374,8 @@ def run_training_stage(phase_name: str, params: Params, quality: str) -> dict[st
         log_json_artifact(metrics, "metrics.json")
         print(
             f"[{run_name}] held-out ({heldout['clips']} clips, 6 P-frames; trained on "
-            f"{phase.num_pframes}): {heldout['bpp']:.4f} bpp, {heldout['psnr']:.2f} dB "
+            f"{phase.num_pframes}): P-frames {heldout['bpp']:.4f} bpp, {heldout['psnr']:.2f} dB; "
+            f"I-frames {heldout['iframe_bpp']:.4f} bpp, {heldout['iframe_psnr']:.2f} dB "
             f"(MLflow run {run.info.run_id})",
             flush=True,
         )

@@ -4,10 +4,11 @@ its data shard, log, and report checkpoints (all ranks report; rank 0 carries th
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ __all__ = [
 
 # Ray Train V2 routes a worker's print() to its logger AND, when something has wrapped
 # sys.stdout, to the stream as well, so each line reached the driver twice: workers log.
-_worker_log = logging.getLogger("pipeline.train.runner")
+_worker_log = logging.getLogger(__name__)
 
 
 def _lrs(optimizers: PhaseOptimizers) -> dict[str, float]:
@@ -53,61 +54,90 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
         return {"error": str(exc), "error_type": type(exc).__name__}
 
 
-def _train_worker_inner(config: dict[str, Any]) -> dict[str, Any]:
+@dataclasses.dataclass
+class _Run:
+    """What one worker holds while it trains: its place in the group, the built phase and
+    where it stands (step, epoch, the last logged metrics)."""
+
+    config: dict[str, Any]
+    phase: TrainingPhase
+    rank: int
+    world: int
+    device: torch.device
+    models: PhaseModels
+    optimizers: PhaseOptimizers
+    step: int = 0
+    epoch: int = 0
+    last_metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def multi(self) -> bool:
+        import torch.distributed as dist
+
+        return dist.is_available() and dist.is_initialized() and self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _start(config: dict[str, Any]) -> _Run:
+    """Build the phase's models and optimizers on this worker's device, then resume from Ray's
+    checkpoint or apply the init weights; seeds every RNG for this rank."""
     import ray
     import ray.train
     import ray.train.torch
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
 
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     phase: TrainingPhase = config["phase"]
-    max_steps: int = config["max_steps"]
     seed: int = config["seed"]
-    run_name: str = config["run_name"]
     device = ray.train.torch.get_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL's object collectives pick the current device
-    multi = dist.is_available() and dist.is_initialized() and world > 1
-    is_main = rank == 0
 
     seed_everything(seed)  # same initial weights on every rank
     models = phase.build_models()
     for module in models.named().values():
         module.to(device)
     phase.setup(device)
-    optimizers = phase.build_optimizers(models)
-
-    start_step, epoch = 0, 0
-    last_metrics: dict[str, float] = {}
+    run = _Run(
+        config,
+        phase,
+        ctx.get_world_rank(),
+        ctx.get_world_size(),
+        device,
+        models,
+        phase.build_optimizers(models),
+    )
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            meta, rng = load_checkpoint(Path(d), phase, models, optimizers, device)
-        start_step, epoch, last_metrics = meta["step"], meta["epoch"], meta.get("metrics", {})
-        if len(rng) == world:
-            restore_rng_state(rng[rank])
+            meta, rng = load_checkpoint(Path(d), phase, models, run.optimizers, device)
+        run.step, run.epoch = meta["step"], meta["epoch"]
+        run.last_metrics = meta.get("metrics", {})
+        if len(rng) == run.world:
+            restore_rng_state(rng[run.rank])
         else:
-            seed_everything(seed + 1_000_003 * (rank + 1) + start_step)
-        if is_main:
-            _worker_log.info("[%s] resuming from the checkpoint of step %d", run_name, start_step)
+            seed_everything(seed + 1_000_003 * (run.rank + 1) + run.step)
+        if run.is_main:
+            _worker_log.info(
+                "[%s] resuming from the checkpoint of step %d", config["run_name"], run.step
+            )
     else:
         if config["init_weights"] is not None:
             phase.apply_init_weights(models, ray.get(config["init_weights"]))
-        seed_everything(seed + 1_000_003 * (rank + 1))
+        seed_everything(seed + 1_000_003 * (run.rank + 1))
+    return run
 
-    if start_step >= max_steps:
-        return {
-            "step": start_step,
-            "started_from_step": start_step,
-            "metrics": last_metrics,
-            "world_size": world,
-            "epoch": epoch,
-        }
 
-    if multi and phase.find_unused_parameters:
-        for module in models.named().values():
+def _ddp_models(run: _Run) -> PhaseModels:
+    """The models as the loop calls them: each DDP-wrapped when there are several workers."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not run.multi:
+        return run.models
+    if run.phase.find_unused_parameters:
+        for module in run.models.named().values():
             # With find_unused_parameters DDP marks weights missing from the forward's graph
             # as ready at once; entropy-bottleneck quantiles get their gradient only from the
             # aux loss later in the same backward, which DDP rejects as a second "ready".
@@ -117,29 +147,101 @@ def _train_worker_inner(config: dict[str, Any]) -> dict[str, Any]:
                 DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
                     module, quantiles
                 )
-    wrapped = PhaseModels(
+    return PhaseModels(
         **{
             name: DistributedDataParallel(
                 module,
-                device_ids=[device.index] if device.type == "cuda" else None,
-                find_unused_parameters=phase.find_unused_parameters,
+                device_ids=[run.device.index] if run.device.type == "cuda" else None,
+                find_unused_parameters=run.phase.find_unused_parameters,
             )
-            if multi
-            else module
-            for name, module in models.named().items()
+            for name, module in run.models.named().items()
         }
     )
-    bf16 = config["bf16"] and device.type == "cuda"
+
+
+class _Window:
+    """Throughput and data-wait of the steps since the last log line."""
+
+    def __init__(self) -> None:
+        self.start, self.steps, self.data_wait = time.perf_counter(), 0, 0.0
+
+    def metrics(self, run: _Run, averager: MetricAverager) -> dict[str, float]:
+        """The log line's metrics (loss terms averaged over ranks, learning rates, perf)."""
+        import torch.distributed as dist
+
+        metrics = {f"train/{k}": v for k, v in averager.pop(all_reduce=run.multi).items()}
+        elapsed = time.perf_counter() - self.start
+        perf = torch.tensor(
+            [self.steps * run.phase.batch_size / elapsed, self.data_wait / elapsed],
+            dtype=torch.float64,
+            device=run.device,
+        )
+        if run.multi:
+            dist.all_reduce(perf)
+        clips_total, wait_sum = perf.tolist()
+        metrics.update(_lrs(run.optimizers))
+        metrics["perf/clips_per_s"] = clips_total
+        metrics["perf/clips_per_s_per_worker"] = clips_total / run.world
+        metrics["perf/steps_per_s"] = self.steps / elapsed
+        metrics["perf/data_wait_fraction"] = wait_sum / run.world
+        metrics["epoch"] = run.epoch
+        return metrics
+
+
+def _log_line(run: _Run, metrics: Mapping[str, float], max_steps: int) -> None:
+    shown = " ".join(
+        f"{k.removeprefix('train/')}={v:.4g}"
+        for k, v in metrics.items()
+        if k.startswith("train/") and "grad_norm" not in k
+    )
+    _worker_log.info(
+        "[%s] step %d/%d %s %.1f clips/s",
+        run.config["run_name"],
+        run.step,
+        max_steps,
+        shown,
+        metrics["perf/clips_per_s"],
+    )
+
+
+def _epoch_batches(run: _Run, shard: Any) -> Iterator[Any]:
+    phase, seed = run.phase, run.config["seed"]
+    return iter(
+        shard.iter_batches(
+            batch_size=phase.batch_size,
+            batch_format="numpy",
+            drop_last=True,
+            prefetch_batches=2,
+            local_shuffle_buffer_size=phase.shuffle_buffer_rows or None,
+            local_shuffle_seed=(seed + 7919 * run.epoch + run.rank)
+            if phase.shuffle_buffer_rows
+            else None,
+        )
+    )
+
+
+def _train_worker_inner(config: dict[str, Any]) -> dict[str, Any]:
+    import ray.train
+
+    run = _start(config)
+    max_steps: int = config["max_steps"]
+    start_step = run.step
+    summary = {"started_from_step": start_step, "world_size": run.world}
+    if run.step >= max_steps:
+        return {**summary, "step": run.step, "metrics": run.last_metrics, "epoch": run.epoch}
+
+    phase = run.phase
+    bf16 = config["bf16"] and run.device.type == "cuda"
     stepper = PhaseStepper(
         phase,
-        wrapped,
-        optimizers,
+        _ddp_models(run),
+        run.optimizers,
         grad_clip=config["grad_clip"],
         autocast_dtype=torch.bfloat16 if bf16 else None,
     )
     sink = (
         MlflowSink(config["tracking_uri"], config["mlflow_run_id"])
-        if is_main
+        if run.is_main
         else MlflowSink(None, None)
     )
     shard = ray.train.get_dataset_shard("train")
@@ -147,98 +249,59 @@ def _train_worker_inner(config: dict[str, Any]) -> dict[str, Any]:
     checkpoint_every = config["checkpoint_every"]
 
     averager = MetricAverager()
-    step = start_step
-    window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
-    while step < max_steps:
+    window = _Window()
+    while run.step < max_steps:
         batches_this_epoch = 0
-        iterator = iter(
-            shard.iter_batches(
-                batch_size=phase.batch_size,
-                batch_format="numpy",
-                drop_last=True,
-                prefetch_batches=2,
-                local_shuffle_buffer_size=phase.shuffle_buffer_rows or None,
-                local_shuffle_seed=(seed + 7919 * epoch + rank)
-                if phase.shuffle_buffer_rows
-                else None,
-            )
-        )
-        while step < max_steps:
+        iterator = _epoch_batches(run, shard)
+        while run.step < max_steps:
             t0 = time.perf_counter()
             try:
                 rows = next(iterator)
             except StopIteration:
                 break
-            data_wait += time.perf_counter() - t0
+            window.data_wait += time.perf_counter() - t0
             batches_this_epoch += 1
-            step += 1
-            batch = phase.prepare_batch(rows, device)
+            run.step += 1
+            step = run.step
+            batch = phase.prepare_batch(rows, run.device)
             averager.add(stepper.step(batch, step))
-            window_steps += 1
+            window.steps += 1
 
             if step % log_every == 0 or step == max_steps:
-                metrics = {f"train/{k}": v for k, v in averager.pop(all_reduce=multi).items()}
-                elapsed = time.perf_counter() - window_start
-                perf = torch.tensor(
-                    [window_steps * phase.batch_size / elapsed, data_wait / elapsed],
-                    dtype=torch.float64,
-                    device=device,
-                )
-                if multi:
-                    dist.all_reduce(perf)
-                clips_total, wait_sum = perf.tolist()
-                metrics.update(_lrs(optimizers))
-                metrics["perf/clips_per_s"] = clips_total
-                metrics["perf/clips_per_s_per_worker"] = clips_total / world
-                metrics["perf/steps_per_s"] = window_steps / elapsed
-                metrics["perf/data_wait_fraction"] = wait_sum / world
-                metrics["epoch"] = epoch
-                last_metrics = metrics
-                if is_main:
-                    sink.log_metrics(metrics, step)
-                    shown = " ".join(
-                        f"{k.removeprefix('train/')}={v:.4g}"
-                        for k, v in metrics.items()
-                        if k.startswith("train/") and "grad_norm" not in k
-                    )
-                    _worker_log.info(
-                        "[%s] step %d/%d %s %.1f clips/s",
-                        run_name,
-                        step,
-                        max_steps,
-                        shown,
-                        clips_total,
-                    )
-                window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
+                run.last_metrics = window.metrics(run, averager)
+                if run.is_main:
+                    sink.log_metrics(run.last_metrics, step)
+                    _log_line(run, run.last_metrics, max_steps)
+                window = _Window()
 
-            if is_main and sink.enabled and (step % image_every == 0 or step == max_steps):
-                _log_samples(phase, models, batch, sink, step)
+            if run.is_main and sink.enabled and (step % image_every == 0 or step == max_steps):
+                _log_samples(phase, run.models, batch, sink, step)
 
             if step % checkpoint_every == 0 or step == max_steps:
                 _report_checkpoint(
                     phase,
-                    models,
-                    optimizers,
+                    run.models,
+                    run.optimizers,
                     step=step,
-                    epoch=epoch,
-                    metrics=last_metrics,
-                    is_main=is_main,
-                    multi=multi,
-                    world=world,
+                    epoch=run.epoch,
+                    metrics=run.last_metrics,
+                    is_main=run.is_main,
+                    multi=run.multi,
+                    world=run.world,
                 )
-        if step < max_steps:
+        if run.step < max_steps:
             if batches_this_epoch == 0:
                 raise NoFullBatchError(
-                    f"dataset 'train' gives worker {rank} no full batch of {phase.batch_size} "
-                    f"clips ({world} workers share it): add clips or lower the batch size"
+                    f"dataset 'train' gives worker {run.rank} no full batch of "
+                    f"{phase.batch_size} clips ({run.world} workers share it): add clips or "
+                    "lower the batch size"
                 )
-            epoch += 1
+            run.epoch += 1
     return {
-        "step": step,
-        "started_from_step": start_step,
-        "metrics": last_metrics,
-        "world_size": world,
-        "epoch": epoch,
+        **summary,
+        "step": run.step,
+        "metrics": run.last_metrics,
+        "epoch": run.epoch,
         "mlflow_failures": sink.failures,
     }
 

@@ -67,6 +67,7 @@ __all__ = [
     "HiFiCGANPhase",
     "HiFiCWarmupPhase",
     "hific_phases",
+    "random_frame_crops",
 ]
 
 #: the param naming the AlexNet weights LPIPS needs
@@ -103,6 +104,53 @@ def _decode_frame(png: Any, where: str, t: int) -> np.ndarray:
         return decode_png_rgb(png)
     except ValueError as exc:
         raise DataError(f"{where}, frame im{t + 1}.png: {exc}") from exc
+
+
+def random_frame_crops(
+    rows: Mapping[str, np.ndarray],
+    device: torch.device,
+    *,
+    frames_per_clip: int,
+    crop: int,
+    random_flip: bool,
+    label: str,
+) -> Tensor:
+    """Training images of an image codec from a batch of clips: ``frames_per_clip`` distinct
+    random frames of each clip, each with its own random ``crop`` x ``crop`` window (and flip),
+    as float [B * frames_per_clip, 3, crop, crop] in [0, 1] on ``device``. Draws use the
+    worker's torch RNG (seeded per rank, restored on resume); encoded clips decode only the
+    drawn frames. ``label`` starts every error message (the phase)."""
+    frames = rows.get("frames")
+    if frames is None or not (frames.ndim == 5 or frames.dtype == object):
+        shape = None if frames is None else frames.shape
+        raise DataError(f"{label}: expected 'frames' [B, T, H, W, 3], got {shape}")
+    clip_ids = rows.get("clip_id")
+    images = []
+    for index, clip in enumerate(frames):
+        where = f"clip {clip_ids[index]}" if clip_ids is not None else f"batch row {index}"
+        encoded = _is_encoded(clip)
+        if not encoded and (clip.ndim != 4 or clip.shape[-1] != 3 or clip.dtype != np.uint8):
+            raise DataError(
+                f"{label}: {where} must be uint8 [T, H, W, 3] or a sequence "
+                f"of PNGs, got {clip.dtype} {clip.shape}"
+            )
+        # the worker's torch RNG: seeded per rank and restored on resume
+        chosen = torch.rand(len(clip)).argsort()[:frames_per_clip].tolist()
+        for t in chosen:
+            image = _decode_frame(clip[t], where, t) if encoded else clip[t]
+            height, width = image.shape[:2]
+            if height < crop or width < crop:
+                raise DataError(
+                    f"{label}: frames of {width}x{height} are smaller than the "
+                    f"{crop}x{crop} crop (hific.crop)"
+                )
+            top = int(torch.randint(0, height - crop + 1, ()))
+            left = int(torch.randint(0, width - crop + 1, ()))
+            image = image[top : top + crop, left : left + crop]
+            if random_flip and bool(torch.rand(()) < 0.5):
+                image = image[:, ::-1]
+            images.append(image)
+    return batch_to_tensor(np.stack(images), device, non_blocking=True)
 
 
 @dataclasses.dataclass
@@ -187,37 +235,14 @@ class HiFiCWarmupPhase(TrainingPhase):
         :func:`pipeline.data.datasets.read_encoded_septuplets_ray`), in which case only the drawn
         frames are decoded. Both give the same images for the same RNG state.
         """
-        frames = rows.get("frames")
-        if frames is None or not (frames.ndim == 5 or frames.dtype == object):
-            shape = None if frames is None else frames.shape
-            raise DataError(f"phase {self.name!r}: expected 'frames' [B, T, H, W, 3], got {shape}")
-        clip_ids = rows.get("clip_id")
-        images = []
-        for index, clip in enumerate(frames):
-            where = f"clip {clip_ids[index]}" if clip_ids is not None else f"batch row {index}"
-            encoded = _is_encoded(clip)
-            if not encoded and (clip.ndim != 4 or clip.shape[-1] != 3 or clip.dtype != np.uint8):
-                raise DataError(
-                    f"phase {self.name!r}: {where} must be uint8 [T, H, W, 3] or a sequence "
-                    f"of PNGs, got {clip.dtype} {clip.shape}"
-                )
-            # the worker's torch RNG: seeded per rank and restored on resume
-            chosen = torch.rand(len(clip)).argsort()[: self.frames_per_clip].tolist()
-            for t in chosen:
-                image = _decode_frame(clip[t], where, t) if encoded else clip[t]
-                height, width = image.shape[:2]
-                if height < self.crop or width < self.crop:
-                    raise DataError(
-                        f"phase {self.name!r}: frames of {width}x{height} are smaller than the "
-                        f"{self.crop}x{self.crop} crop (hific.crop)"
-                    )
-                top = int(torch.randint(0, height - self.crop + 1, ()))
-                left = int(torch.randint(0, width - self.crop + 1, ()))
-                image = image[top : top + self.crop, left : left + self.crop]
-                if self.random_flip and bool(torch.rand(()) < 0.5):
-                    image = image[:, ::-1]
-                images.append(image)
-        return batch_to_tensor(np.stack(images), device, non_blocking=True)
+        return random_frame_crops(
+            rows,
+            device,
+            frames_per_clip=self.frames_per_clip,
+            crop=self.crop,
+            random_flip=self.random_flip,
+            label=f"phase {self.name!r}",
+        )
 
     def forward(self, models: PhaseModels, batch: Tensor, step: int) -> dict[str, Any]:
         return {"x": batch, **models.generator(batch)}

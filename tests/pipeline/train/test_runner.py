@@ -46,8 +46,8 @@ from pipeline.train.stepper import PhaseStepper
 
 FRAMES, SIZE, CLIPS = 2, 32, 16
 
-# pytest imports this file as `pipeline.test_runner`, a name Ray workers cannot import:
-# ship the test phase and models to them by value
+# pytest imports this file as `tests.pipeline.train.test_runner`, which Ray workers may not
+# be able to import: ship the test phase and models to them by value
 ray_cloudpickle = pytest.importorskip("ray.cloudpickle")
 ray_cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
