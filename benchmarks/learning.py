@@ -7,7 +7,8 @@ Everything trains through the real phase classes and the real runner (Ray Train,
 ``--workers`` workers, checkpoints, resume) on the sample's shards, and is measured on real
 bitstreams of the sample's *test* clips (bytes written to disk, read back, decoded):
 
-1. HiFiC (``hific.preset``, the ``low`` operating point of ``--params``): warm-up for
+1. HiFiC (``hific.preset``, the ``low`` operating point and crop of ``--params``, ``--batch``
+   images per step): warm-up for
    ``--cpu-minutes`` of training wall time, then ``--gan-minutes`` of its GAN phase; once per
    ``--seeds`` (no seed may stall).
 2. The anchor at the same budget, crops, batch and data: CompressAI's ``bmshj2018-hyperprior``
@@ -245,6 +246,8 @@ def _params(base: Params, work: Path, workers: int, seed: int) -> Params:
     runner = base.runner.model_copy(
         update={
             "num_workers": workers,
+            # one training thread per worker; the other core decodes clips (Ray Data)
+            "cpus_per_worker": 1.0,
             "storage_path": str(work / "ray_results"),
             "checkpoint_every": 10**6,  # every mark ends in a checkpoint anyway
             "log_every": 25,
@@ -266,6 +269,8 @@ def run_image_codecs(
     for seed in args.seeds:
         params = _params(base, args.work, args.workers, seed)
         warmup, gan = hific_phases(params, "low")
+        warmup = dataclasses.replace(warmup, batch_size=args.batch)
+        gan = dataclasses.replace(gan, batch_size=args.batch) if gan is not None else None
         tag = f"s{seed}-{os.getpid()}"
         export = train_to_marks(
             warmup,
@@ -300,7 +305,7 @@ def run_image_codecs(
         params = _params(base, args.work, args.workers, args.seeds[0])
         cfg = params.hific
         anchor = HyperpriorAnchorPhase(
-            batch_size=cfg.batch_size, crop=cfg.crop, random_flip=params.data.random_flip
+            batch_size=args.batch, crop=cfg.crop, random_flip=params.data.random_flip
         )
         train_to_marks(
             anchor,
@@ -430,6 +435,7 @@ def main() -> None:
     parser.add_argument("--plvc-minutes", type=float, default=8.0, help="single-P + multi-P")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=8, help="images per step, both codecs")
     parser.add_argument("--test-clips", type=int, default=8)
     parser.add_argument("--skip-anchor", action="store_true")
     parser.add_argument("--skip-plvc", action="store_true")

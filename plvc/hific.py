@@ -193,6 +193,44 @@ def _resolve_config(config: HiFiCConfig | Mapping[str, Any] | str | None) -> HiF
 
 # --------------------------------------------------------------------------- layers
 
+#: E[ReLU(u)] for u ~ N(0, 1): the mean of each ChannelNorm+ReLU feature at init (ChannelNorm
+#: makes every pixel's channel vector zero-mean and unit-variance, its affine is the identity)
+_RELU_FEATURE_MEAN = 1 / math.sqrt(2 * math.pi)
+#: the mean the image-space layers are centred on: mid-grey of images in [0, 1]
+_MID_GREY = 0.5
+
+
+@torch.no_grad()
+def _centre_bias(conv: nn.Conv2d | nn.ConvTranspose2d, input_mean: float) -> None:
+    """Shift ``conv``'s bias so that its output has no common offset at init when its input
+    is non-negative with mean ``input_mean`` (an image in [0, 1], or ReLU features).
+
+    Why: ChannelNorm normalises each pixel's channel vector, so it only sees its direction.
+    A conv of a non-negative input adds ``input_mean * sum(W)`` to every pixel; that common
+    vector dominates (85-95 % of the channel-centred energy after PyTorch's default init),
+    every pixel then normalises to nearly the same vector, and E starts out blind to
+    brightness and contrast: training sits at a flat grey picture until the biases have
+    grown (~100 Adam steps at lr 5e-4). Subtracting the offset is the same as feeding the
+    conv a zero-mean input (``x - ½`` for the image). Init only: no parameter is added and
+    trained checkpoints are unaffected. For a strided transposed conv the taps that reach
+    an output pixel depend on its position; the average (``sum(W) / stride²``) is removed.
+    """
+    weight = conv.weight
+    if isinstance(conv, nn.ConvTranspose2d):  # [in, out, kh, kw]
+        offset = weight.sum(dim=(0, 2, 3)) / (conv.stride[0] * conv.stride[1])
+    else:  # [out, in, kh, kw]
+        offset = weight.sum(dim=(1, 2, 3))
+    conv.bias.sub_(input_mean * offset)
+
+
+def _centre_after_relus(layers: nn.Sequential) -> None:
+    """:func:`_centre_bias` every conv of ``layers`` that directly follows a ReLU."""
+    previous: nn.Module | None = None
+    for layer in layers:
+        if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)) and isinstance(previous, nn.ReLU):
+            _centre_bias(layer, _RELU_FEATURE_MEAN)
+        previous = layer
+
 
 class ChannelNorm2d(nn.Module):
     """Normalise each pixel over its channels, then a learned per-channel affine.
@@ -236,6 +274,7 @@ class HiFiCResidualBlock(nn.Sequential):
             nn.Conv2d(channels, channels, 3, padding=1),
             ChannelNorm2d(channels),
         )
+        _centre_after_relus(self)
 
     def forward(self, x: Tensor) -> Tensor:
         return x + super().forward(x)
@@ -258,6 +297,9 @@ class HiFiCEncoder(nn.Sequential):
             channels = out
         layers.append(conv(channels, config.latent_channels, 3, 1))
         super().__init__(*layers)
+        # zero-mean pre-norm activations at init (see _centre_bias): the image as x - ½
+        _centre_bias(self[0], _MID_GREY)
+        _centre_after_relus(self)
 
 
 class HiFiCGenerator(nn.Module):
@@ -282,6 +324,11 @@ class HiFiCGenerator(nn.Module):
             channels = out
         tail.append(nn.Conv2d(channels, 3, 7, padding=3))
         self.tail = nn.Sequential(*tail)
+        # zero-mean pre-norm activations at init (see _centre_bias); the output layer
+        # starts centred on mid-grey instead of a random offset around 0
+        _centre_after_relus(self.tail)
+        with torch.no_grad():
+            self.tail[-1].bias.add_(_MID_GREY)
 
     def forward(self, y_hat: Tensor) -> Tensor:
         head = self.head(y_hat)
