@@ -19,10 +19,11 @@ bitstreams of the sample's *test* clips (bytes written to disk, read back, decod
    (``train.*`` and ``qualities.low`` of ``--params``), ``--plvc-minutes`` split between them.
    Test clips are coded by :func:`plvc.codec.encode_video` (GOP 7: an I-frame then 6 P-frames).
 
-Every run is cut at step marks (25, 50, 100, 150, 200, 300, ...); each mark is one
-``run_phase`` call that resumes the Ray run where the last one stopped, so the wall time per
-mark includes Ray Train's start-up (~10-20 s on 2 cores), alike for every model. Training time
-is the sum of those calls; the evaluation between marks is not counted.
+Each phase is one Ray run that checkpoints every 25 steps; every checkpoint is measured after
+the run. Its length is set from the budget and the speed of its first 25 steps (a first
+``run_phase`` call, which the second resumes). Training time is what the steps took (the
+runner's steps/s per checkpoint window): Ray Train's start-up and the measuring are not
+counted.
 
 Writes ``<out>/learning.csv`` (one row per model, seed and mark) and ``<out>/learning.png``
 (held-out PSNR and bpp against steps and training minutes), and prints the table.
@@ -43,9 +44,10 @@ import numpy as np
 import torch
 
 from pipeline.config import Params, load_params
-from pipeline.ray_cluster import ray_session
+from pipeline.ray_cluster import ray_session, skip_known_ray_noise
 
-MARKS = (25, 50, 100, 150, 200, 300, 400, 500, 650, 800, 1000, 1250, 1500, 2000, 2500, 3000)
+#: steps between checkpoints, each one a measured point of the curves
+EVERY = 25
 COLUMNS = (
     "model",
     "phase",
@@ -194,31 +196,54 @@ def train_to_marks(
     rows: list[dict[str, Any]],
     out: Path,
 ) -> Path:
-    """Train ``phase`` mark by mark until ``budget_s`` of training time is spent, measuring
-    the export at every mark; returns the export folder of the last mark."""
-    from pipeline.train.runner import run_phase
+    """Train ``phase`` for about ``budget_s`` seconds of training time in one Ray run that
+    checkpoints every ``EVERY`` steps, then measure every checkpoint; returns the export folder.
+
+    The step count is set from the speed of a first ``EVERY`` steps (a first ``run_phase``
+    call that the second resumes). Training time is what the steps took (the runner's
+    ``perf/steps_per_s`` over each checkpoint's window), without Ray Train's start-up.
+    """
+    from pipeline.tracking import repo_root
+    from pipeline.train.checkpoint import load_models, ray_run_dir, read_checkpoint_meta
+    from pipeline.train.runner import resolve_storage_path, run_phase
 
     export_dir = work / "models" / name
-    spent = 0.0
-    for mark in MARKS:
-        result = run_phase(
+
+    def train(steps: int) -> dict[str, Any]:
+        return run_phase(
             phase,
             params,
             stage="learning",
             run_name=name,
             datasets=datasets,
-            max_steps=mark,
+            max_steps=steps,
             init_weights=init_weights,
             export_dir=export_dir,
         )
-        spent += result["wall_time_s"]
-        final = result["final_metrics"]
-        measured = measure(export_dir, mark)
+
+    first = train(EVERY)
+    speed = first["final_metrics"]["perf/steps_per_s"]
+    total = max(EVERY, round(budget_s * speed / EVERY) * EVERY)
+    if total > EVERY:
+        train(total)
+    run_dir = Path(ray_run_dir(resolve_storage_path(params.runner.storage_path, repo_root()), name))
+    spent, previous = 0.0, 0
+    for checkpoint in sorted(p for p in run_dir.glob("checkpoint_0*") if p.is_dir()):
+        meta = read_checkpoint_meta(checkpoint)
+        final = meta.get("metrics", {})
+        step = int(meta["step"])
+        spent += (step - previous) / final.get("perf/steps_per_s", speed)
+        previous = step
+        models = phase.build_models()
+        load_models(checkpoint, models, "cpu")
+        mark_dir = work / "models" / f"{name}-{step}"
+        mark_dir.mkdir(parents=True, exist_ok=True)
+        phase.export(models, mark_dir)
         entry = {
             **row,
-            "step": mark,
+            "step": step,
             "train_s": round(spent, 1),
-            **measured,
+            **measure(mark_dir, step),
             "train_bpp": final.get("train/bpp"),
             "d_real": final.get("train/d_real_prob", final.get("train/d_real")),
             "d_fake": final.get("train/d_fake_prob", final.get("train/d_fake")),
@@ -226,13 +251,9 @@ def train_to_marks(
         rows.append(entry)
         _write_csv(rows, out / "learning.csv")
         shown = " ".join(
-            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-            for k, v in entry.items()
-            if v is not None and k not in ("model", "phase", "seed")
+            f"{k}={_fmt(v)}" for k, v in entry.items() if v is not None and k not in row
         )
         print(f"[{row['model']}/{row['phase']} seed {row['seed']}] {shown}", flush=True)
-        if spent >= budget_s:
-            break
     return export_dir
 
 
@@ -249,8 +270,9 @@ def _params(base: Params, work: Path, workers: int, seed: int) -> Params:
             # one training thread per worker; the other core decodes clips (Ray Data)
             "cpus_per_worker": 1.0,
             "storage_path": str(work / "ray_results"),
-            "checkpoint_every": 10**6,  # every mark ends in a checkpoint anyway
-            "log_every": 25,
+            "checkpoint_every": EVERY,
+            "num_to_keep": 1000,  # every checkpoint is a point of the curve
+            "log_every": EVERY,
         }
     )
     return base.model_copy(update={"runner": runner, "seed": seed})
@@ -442,6 +464,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/plvc-learning"))
     parser.add_argument("--out", type=Path, default=Path("reports/learning"))
     args = parser.parse_args()
+    skip_known_ray_noise()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
 

@@ -37,6 +37,12 @@ TMP_SUFFIX = ".tmp"
 T = TypeVar("T")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def is_temp_name(name: str) -> bool:
     """Whether ``name`` is one of this module's temp files (left by an interrupted run)."""
     return name.startswith(".") and name.endswith(TMP_SUFFIX)
@@ -55,6 +61,8 @@ def atomic_path(path: str | os.PathLike[str], *, fsync: bool = False) -> Iterato
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     os.close(fd)
     tmp = Path(name)
+    # mkstemp makes the file private (0600); the output gets the permissions of any new file
+    os.chmod(tmp, 0o666 & ~_umask())
     try:
         yield tmp
         if not tmp.exists():

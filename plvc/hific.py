@@ -324,11 +324,14 @@ class HiFiCGenerator(nn.Module):
             channels = out
         tail.append(nn.Conv2d(channels, 3, 7, padding=3))
         self.tail = nn.Sequential(*tail)
-        # zero-mean pre-norm activations at init (see _centre_bias); the output layer
-        # starts centred on mid-grey instead of a random offset around 0
+        # zero-mean pre-norm activations at init (see _centre_bias)
         _centre_after_relus(self.tail)
+        # G starts at the mid-grey image, not at random noise around 0 (std ~0.3 with the
+        # default init, which the first steps spend unlearning): the output conv starts at
+        # zero, it gets its gradient from the first step and passes it on from the second
         with torch.no_grad():
-            self.tail[-1].bias.add_(_MID_GREY)
+            self.tail[-1].weight.zero_()
+            self.tail[-1].bias.fill_(_MID_GREY)
 
     def forward(self, y_hat: Tensor) -> Tensor:
         head = self.head(y_hat)
