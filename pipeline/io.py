@@ -37,10 +37,15 @@ TMP_SUFFIX = ".tmp"
 T = TypeVar("T")
 
 
-def _umask() -> int:
+def _read_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+# read once, at import: os.umask can only be read by setting it, which would race with files
+# other threads create meanwhile (the evaluation writes images from a thread pool)
+_UMASK = _read_umask()
 
 
 def is_temp_name(name: str) -> bool:
@@ -62,7 +67,7 @@ def atomic_path(path: str | os.PathLike[str], *, fsync: bool = False) -> Iterato
     os.close(fd)
     tmp = Path(name)
     # mkstemp makes the file private (0600); the output gets the permissions of any new file
-    os.chmod(tmp, 0o666 & ~_umask())
+    os.chmod(tmp, 0o666 & ~_UMASK)
     try:
         yield tmp
         if not tmp.exists():
