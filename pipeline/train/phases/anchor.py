@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -20,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.train.phase import PhaseModels, PhaseOptimizers, TrainingPhase, compressai_optimizers
-from pipeline.train.phases.hific import random_frame_crops
+from pipeline.train.phase import PhaseModels, TrainingPhase
+from pipeline.train.phases.hific import ImageCropBatches
 
 __all__ = [
     "HyperpriorAnchor",
@@ -85,9 +84,9 @@ def load_anchor(path: str | Path) -> HyperpriorAnchor:
 
 
 @dataclasses.dataclass
-class HyperpriorAnchorPhase(TrainingPhase):
+class HyperpriorAnchorPhase(ImageCropBatches, TrainingPhase):
     """The hyperprior trained with ``bpp + lmbda·255²·MSE`` on HiFiC's crops
-    (:func:`~pipeline.train.phases.hific.random_frame_crops`, same RNG draws)."""
+    (:class:`~pipeline.train.phases.hific.ImageCropBatches`, same RNG draws)."""
 
     name: ClassVar[str] = "hyperprior_anchor"
 
@@ -102,23 +101,6 @@ class HyperpriorAnchorPhase(TrainingPhase):
 
     def build_models(self) -> PhaseModels:
         return PhaseModels(HyperpriorAnchor(self.quality))
-
-    def build_optimizers(self, models: PhaseModels) -> PhaseOptimizers:
-        net, aux = compressai_optimizers(models.generator, self.lr, self.aux_lr)
-        return PhaseOptimizers(net, aux)
-
-    def prepare_batch(self, rows: Mapping[str, np.ndarray], device: torch.device) -> Tensor:
-        return random_frame_crops(
-            rows,
-            device,
-            frames_per_clip=self.frames_per_clip,
-            crop=self.crop,
-            random_flip=self.random_flip,
-            label=f"phase {self.name!r}",
-        )
-
-    def forward(self, models: PhaseModels, batch: Tensor, step: int) -> dict[str, Any]:
-        return {"x": batch, **models.generator(batch)}
 
     def generator_loss(
         self, models: PhaseModels, batch: Tensor, outputs: dict[str, Any], step: int

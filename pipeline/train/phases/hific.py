@@ -66,6 +66,7 @@ __all__ = [
     "LPIPS_PARAM",
     "HiFiCGANPhase",
     "HiFiCWarmupPhase",
+    "ImageCropBatches",
     "hific_phases",
     "random_frame_crops",
 ]
@@ -153,8 +154,48 @@ def random_frame_crops(
     return batch_to_tensor(np.stack(images), device, non_blocking=True)
 
 
+class ImageCropBatches:
+    """What every image-codec phase on clips shares (HiFiC's phases, the CompressAI anchor):
+    batches of :func:`random_frame_crops`, the model called on them, and CompressAI's
+    net/aux optimizer split. The phase defines ``frames_per_clip``, ``crop``, ``random_flip``,
+    ``lr`` and ``aux_lr``."""
+
+    name: ClassVar[str]
+    frames_per_clip: int
+    crop: int
+    random_flip: bool
+    lr: float
+    aux_lr: float
+
+    def build_optimizers(self, models: PhaseModels) -> PhaseOptimizers:
+        net, aux = compressai_optimizers(models.generator, self.lr, self.aux_lr)
+        return PhaseOptimizers(net, aux)
+
+    def prepare_batch(self, rows: Mapping[str, np.ndarray], device: torch.device) -> Tensor:
+        """``frames`` of B clips -> ``frames_per_clip`` random frames per clip, each randomly
+        cropped (and flipped), as float images [B * frames_per_clip, 3, crop, crop] in [0, 1]
+        on ``device``.
+
+        ``frames`` is either decoded (uint8 [B, T, H, W, 3], or B arrays [T, H, W, 3] of
+        several sizes) or still encoded (B sequences of T PNGs, from
+        :func:`pipeline.data.datasets.read_encoded_septuplets_ray`), in which case only the drawn
+        frames are decoded. Both give the same images for the same RNG state.
+        """
+        return random_frame_crops(
+            rows,
+            device,
+            frames_per_clip=self.frames_per_clip,
+            crop=self.crop,
+            random_flip=self.random_flip,
+            label=f"phase {self.name!r}",
+        )
+
+    def forward(self, models: PhaseModels, batch: Tensor, step: int) -> dict[str, Any]:
+        return {"x": batch, **models.generator(batch)}
+
+
 @dataclasses.dataclass
-class HiFiCWarmupPhase(TrainingPhase):
+class HiFiCWarmupPhase(ImageCropBatches, TrainingPhase):
     """HiFiC without D: rate (target switching) + k_M·MSE + k_P·LPIPS.
 
     Fields are the settings a resumed run must share (compared by the runner).
@@ -219,33 +260,7 @@ class HiFiCWarmupPhase(TrainingPhase):
     def build_models(self) -> PhaseModels:
         return PhaseModels(HiFiC(self.model))
 
-    def build_optimizers(self, models: PhaseModels) -> PhaseOptimizers:
-        net, aux = compressai_optimizers(models.generator, self.lr, self.aux_lr)
-        return PhaseOptimizers(net, aux)
-
     # -- one iteration --------------------------------------------------------------------
-
-    def prepare_batch(self, rows: Mapping[str, np.ndarray], device: torch.device) -> Tensor:
-        """``frames`` of B clips -> ``frames_per_clip`` random frames per clip, each randomly
-        cropped (and flipped), as float images [B * frames_per_clip, 3, crop, crop] in [0, 1]
-        on ``device``.
-
-        ``frames`` is either decoded (uint8 [B, T, H, W, 3], or B arrays [T, H, W, 3] of
-        several sizes) or still encoded (B sequences of T PNGs, from
-        :func:`pipeline.data.datasets.read_encoded_septuplets_ray`), in which case only the drawn
-        frames are decoded. Both give the same images for the same RNG state.
-        """
-        return random_frame_crops(
-            rows,
-            device,
-            frames_per_clip=self.frames_per_clip,
-            crop=self.crop,
-            random_flip=self.random_flip,
-            label=f"phase {self.name!r}",
-        )
-
-    def forward(self, models: PhaseModels, batch: Tensor, step: int) -> dict[str, Any]:
-        return {"x": batch, **models.generator(batch)}
 
     def _lpips_distance(self, x_hat: Tensor, x: Tensor) -> Tensor:
         assert self._lpips is not None, "setup() builds LPIPS"
