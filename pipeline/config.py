@@ -269,6 +269,9 @@ class PhaseSchedule(_Strict):
     steps: PosInt
     lr: PosFloat
     aux_lr: PosFloat = 1e-3
+    #: learning rate of the factorized priors' densities (None: lr, as the paper); short
+    #: runs need a larger one for the rate to fall (pipeline.train.phase.compressai_optimizers)
+    prior_lr: PosFloat | None = None
     batch_size: PosInt = 4
     #: square training crop (all frames of a clip share the window)
     crop: PosInt = 256

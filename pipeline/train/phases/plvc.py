@@ -121,6 +121,8 @@ class PLVCPhase(TrainingPhase):
     model: dict[str, Any] = dataclasses.field(default_factory=lambda: PLVCConfig.tiny().to_dict())
     lr: float = 1e-4
     aux_lr: float = 1e-3
+    #: the factorized priors' learning rate (None: lr); see compressai_optimizers
+    prior_lr: float | None = None
     batch_size: int = 4
     #: square training crop, drawn per clip and step (same window for all its frames)
     crop: int = 256
@@ -175,7 +177,9 @@ class PLVCPhase(TrainingPhase):
         )
 
     def build_optimizers(self, models: PhaseModels) -> PhaseOptimizers:
-        net, aux = compressai_optimizers(models.generator, self.lr, self.aux_lr)
+        net, aux = compressai_optimizers(
+            models.generator, self.lr, self.aux_lr, prior_lr=self.prior_lr
+        )
         return PhaseOptimizers(net, aux, schedulers={"generator": self._scheduler(net)})
 
     # -- data ----------------------------------------------------------------------------
@@ -602,6 +606,7 @@ def build_phase(
         "model": gen_cfg.to_dict(),
         "lr": section.lr,
         "aux_lr": section.aux_lr,
+        "prior_lr": section.prior_lr,
         "batch_size": section.batch_size,
         "crop": section.crop,
         "random_flip": params.data.random_flip,

@@ -463,3 +463,51 @@ def test_temporal_profile_stacks_one_row_over_time() -> None:
     assert image.shape == (2 * 3 * 2 + 4, 5, 3)
     assert image[:2].max() == 0 and image[2:4].min() == 255 and image[4:6].max() == 0
     assert math.isclose(float(image[4 + 6 + 2, 0, 0]), 128, abs_tol=1)
+
+
+def test_prior_lr_lets_the_factorized_prior_fit_in_few_steps() -> None:
+    """The factorized prior starts wide; at the network's lr it barely moves in a short run,
+    its own larger rate (``prior_lr``) fits near-zero latents within dozens of steps."""
+    from compressai.entropy_models import EntropyBottleneck
+
+    from pipeline.train.phase import compressai_optimizers
+
+    def bits_after(prior_lr: float | None, steps: int = 40) -> tuple[float, float]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), EntropyBottleneck(8))
+        net, _ = compressai_optimizers(model, lr=5e-4, prior_lr=prior_lr)
+        x = 0.1 * torch.randn(4, 3, 8, 8)
+        first = last = 0.0
+        for step in range(steps):
+            _, likelihoods = model[1](model[0](x))
+            bits = -likelihoods.log2().sum() / likelihoods.numel()
+            net.zero_grad()
+            bits.backward()
+            net.step()
+            first = float(bits) if step == 0 else first
+            last = float(bits)
+        return first, last
+
+    first, slow = bits_after(None)
+    _, fast = bits_after(1e-2)
+    assert first - slow < 0.2, (first, slow)  # the paper's setting: ~no change in 40 steps
+    assert fast < first - 1.0, (first, fast)  # its own rate: over a bit per latent saved
+
+
+def test_prior_lr_puts_only_the_densities_in_their_own_group() -> None:
+    from compressai.entropy_models import EntropyBottleneck
+
+    from pipeline.train.phase import compressai_optimizers
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), EntropyBottleneck(8))
+    net, aux = compressai_optimizers(model, lr=1e-4, aux_lr=1e-3, prior_lr=1e-2)
+    (main, prior) = net.param_groups
+    assert main["lr"] == 1e-4 and prior["lr"] == 1e-2
+    densities = {id(p) for n, p in model[1].named_parameters() if n != "quantiles"}
+    assert {id(p) for p in prior["params"]} == densities
+    assert {id(p) for p in main["params"]} == {id(p) for p in model[0].parameters()}
+    assert aux is not None and [id(p) for p in aux.param_groups[0]["params"]] == [
+        id(model[1].quantiles)
+    ]
+    single, _ = compressai_optimizers(model, lr=1e-4)  # default: one group, as the paper
+    assert len(single.param_groups) == 1
