@@ -199,6 +199,10 @@ class RunnerConfig(_Strict):
     num_to_keep: PosInt = 2
     log_every: PosInt = 10
     image_every: PosInt = 100
+    #: read the train split once into Ray's object store and re-split it from there every
+    #: epoch (the sample: its epochs last ~10 steps and a re-read costs ~5 s of CPU each);
+    #: false streams the shards every epoch (Vimeo-90k does not fit in memory)
+    materialize_data: bool = False
     #: bf16 autocast on GPU workers (ignored on CPU)
     bf16: bool = True
     #: gradient-norm clipping (None: off)
