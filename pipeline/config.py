@@ -329,6 +329,8 @@ class TrainConfig(_Strict):
         )
     )
     gan: GanConfig = Field(default_factory=lambda: GanConfig(steps=100_000, lr=1e-5))
+    #: test clips of each training stage's held-out check (spread over the split)
+    heldout_clips: PosInt = 16
 
 
 class BaselineSpec(_Strict):

@@ -49,8 +49,6 @@ __all__ = [
     "training_stage_main",
 ]
 
-#: held-out clips checked after training when ``evaluate.max_clips`` is null
-DEFAULT_HELDOUT_CLIPS = 16
 _PER_FRAME = re.compile(r"/p\d+$")
 
 
@@ -98,46 +96,54 @@ def heldout_metrics(
     num_pframes: int = 6,
     device: str | torch.device | None = None,
 ) -> dict[str, Any]:
-    """Estimated bpp and PSNR of an exported generator on the first ``max_clips`` clips of
-    a split (whole frames, centre-cropped to the codec's stride), per P-frame position.
+    """Estimated bpp and PSNR of an exported generator on ``max_clips`` clips of a split
+    (whole frames, centre-cropped to the codec's stride), per P-frame position.
+
+    The clips are spread evenly over the split's clips in shard order (so every source
+    video of the sample is in), read straight from the Parquet files in this process: a
+    handful of clips is not worth a Ray Data round trip.
 
     Eval mode: latents are rounded and the rate is ``-log2`` of the entropy models'
     likelihoods (what the arithmetic coder spends, up to a few bytes per stream; the
     evaluate stage codes real bitstreams). Reconstructions are rounded to 8 bits before
-    PSNR (RGB, peak 1). Needs Ray (the clips come through ``read_training_clips``).
+    PSNR (RGB, peak 1).
 
     Returns ``{"clips", "bpp", "psnr", "bpp_per_frame": {"p1": ...}, "psnr_per_frame": ...,
     "iframe_bpp", "iframe_psnr"}`` (means over clips; ``bpp`` and ``psnr`` also over the
     P-frames; the I-frames' bpp is their real bitstreams', stored with them, and their PSNR
     that of the decoded I-frame the P-frames start from).
     """
-    from pipeline.data.clips import batch_to_tensor
-    from pipeline.data.training_clips import read_iframe_columns, read_training_clips
+    from pipeline.data.clips import batch_to_tensor, decode_png_rgb
+    from pipeline.data.datasets import SeptupletShards
+    from pipeline.data.training_clips import load_iframes
     from plvc.entropy import bpp
     from plvc.weights import load_weights
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, _ = load_weights(weights, map_location=dev)
-    ds = read_training_clips(
-        shard_dir, iframe_dir, crop=None, random_flip=False, seed=0, num_frames=1 + num_pframes
-    ).limit(max_clips)
+    try:
+        shards = SeptupletShards(shard_dir, num_frames=1 + num_pframes)
+    except (FileNotFoundError, ValueError) as exc:
+        raise RunnerError(f"held-out clips: {exc}") from exc
     iframe_dir = Path(iframe_dir)
-    table = read_iframe_columns(
-        iframe_dir.parent, iframe_dir.name, ["clip_id", "bits", "height", "width"]
-    ).to_pydict()
-    iframe_bpp = {
-        c: b / (h * w)
-        for c, b, h, w in zip(
-            table["clip_id"], table["bits"], table["height"], table["width"], strict=True
-        )
-    }
+    iframes = load_iframes(iframe_dir.parent, iframe_dir.name)
+    n = len(shards)
+    indices = sorted({round(i) for i in np.linspace(0, n - 1, min(max_clips, n))}) if n else []
     rates: list[list[float]] = []
     psnrs: list[list[float]] = []
-    iframes: list[tuple[float, float]] = []
+    iframe_stats: list[tuple[float, float]] = []
     with torch.no_grad():
-        for row in ds.iter_rows():
-            frames = _crop_to_stride(batch_to_tensor(row["frames"], dev), model.stride)[None]
-            iframe = _crop_to_stride(batch_to_tensor(row["iframe"], dev), model.stride)[None]
+        for index in indices:
+            item = shards[index]
+            record = iframes.get(item["clip_id"])
+            if record is None:
+                raise RunnerError(
+                    f"{iframe_dir} has no I-frame for held-out clip {item['clip_id']}: "
+                    "re-run the iframes stage"
+                )
+            frames = _crop_to_stride(item["frames"].to(dev), model.stride)[None]
+            decoded = batch_to_tensor(decode_png_rgb(record["iframe_png"]), dev)
+            iframe = _crop_to_stride(decoded, model.stride)[None]
             out = model(frames, iframe)
             pixels = frames.shape[-2] * frames.shape[-1]
             x_hat = (out["x_hat"].clamp(0, 1) * 255).round() / 255
@@ -145,7 +151,8 @@ def heldout_metrics(
             rates.append([float(bpp(lik, pixels)) for lik in out["likelihoods"]])
             psnrs.append([float(-10 * math.log10(max(m, 1e-12))) for m in mse.tolist()])
             i_mse = float((iframe - frames[:, 0]).pow(2).mean())
-            iframes.append((iframe_bpp[row["clip_id"]], -10 * math.log10(max(i_mse, 1e-12))))
+            iframe_bpp = record["bits"] / (record["height"] * record["width"])
+            iframe_stats.append((iframe_bpp, -10 * math.log10(max(i_mse, 1e-12))))
     if not rates:
         raise RunnerError(f"no held-out clips in {shard_dir}")
     rate, psnr = np.asarray(rates), np.asarray(psnrs)
@@ -155,8 +162,8 @@ def heldout_metrics(
         "psnr": float(psnr.mean()),
         "bpp_per_frame": {f"p{i + 1}": float(v) for i, v in enumerate(rate.mean(axis=0))},
         "psnr_per_frame": {f"p{i + 1}": float(v) for i, v in enumerate(psnr.mean(axis=0))},
-        "iframe_bpp": float(np.mean([b for b, _ in iframes])),
-        "iframe_psnr": float(np.mean([q for _, q in iframes])),
+        "iframe_bpp": float(np.mean([b for b, _ in iframe_stats])),
+        "iframe_psnr": float(np.mean([q for _, q in iframe_stats])),
     }
 
 
@@ -353,7 +360,7 @@ def run_training_stage(phase_name: str, params: Params, quality: str) -> dict[st
                 export_dir / "generator.pt",
                 Path(paths.shards) / "test",
                 iframe_root / "test",
-                max_clips=params.evaluate.max_clips or DEFAULT_HELDOUT_CLIPS,
+                max_clips=params.train.heldout_clips,
             )
         mlflow.log_metrics(
             {

@@ -62,6 +62,7 @@ def sample_with_iframes(
                 "num_pframes": 2,
             },
             "evaluate.max_clips": 2,
+            "train.heldout_clips": 2,
         }
     )
     download_stage.main(["--params", str(params_file)])
