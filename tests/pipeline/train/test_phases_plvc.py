@@ -490,8 +490,8 @@ def test_prior_lr_lets_the_factorized_prior_fit_in_few_steps() -> None:
 
     first, slow = bits_after(None)
     _, fast = bits_after(1e-2)
-    assert first - slow < 0.2, (first, slow)  # the paper's setting: ~no change in 40 steps
-    assert fast < first - 1.0, (first, fast)  # its own rate: over a bit per latent saved
+    # at the network's lr the density barely moves in 40 steps; at its own rate it fits
+    assert first - fast > 1.0 and first - fast > 4 * (first - slow), (first, slow, fast)
 
 
 def test_prior_lr_puts_only_the_densities_in_their_own_group() -> None:
