@@ -17,7 +17,7 @@ install: $(STAMP)
 
 # Runs the whole DVC pipeline on the built-in sample (local Ray, local MLflow store).
 demo: $(STAMP)
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pipeline.ray_cluster -- dvc repro
 
 test: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q
