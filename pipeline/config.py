@@ -245,6 +245,10 @@ class HiFiCTrainConfig(_Strict):
     lr: PosFloat = 1e-4
     lr_d: PosFloat = 1e-4
     aux_lr: PosFloat = 1e-3
+    #: HiFiC steps (warm-up, then GAN counting on) at which G's learning rate is multiplied
+    #: by lr_gamma
+    lr_milestones: list[PosInt] = Field(default_factory=list)
+    lr_gamma: Annotated[float, Field(gt=0, le=1)] = 0.1
     batch_size: PosInt = 8
     crop: PosInt = 256
     #: AlexNet weights for LPIPS (lpips package backbone); needed when any k_p > 0

@@ -215,8 +215,11 @@ class HiFiCWarmupPhase(ImageCropBatches, TrainingPhase):
     crop: int = 256
     #: mirror each cropped image horizontally with probability 1/2
     random_flip: bool = True
-    #: steps before this phase, for the loss's warm-up schedule
+    #: steps before this phase, for the loss's warm-up schedule and the LR milestones
     step_offset: int = 0
+    #: HiFiC steps (counting step_offset) at which G's learning rate is multiplied by lr_gamma
+    lr_milestones: list[int] = dataclasses.field(default_factory=list)
+    lr_gamma: float = 0.1
     lpips_backbone: str | None = None
     #: images per logged sample grid
     sample_count: int = 4
@@ -234,6 +237,20 @@ class HiFiCWarmupPhase(ImageCropBatches, TrainingPhase):
         self._lpips: nn.Module | None = None
 
     # -- set-up ---------------------------------------------------------------------------
+
+    def generator_optimizers(self, models: PhaseModels) -> PhaseOptimizers:
+        """G's and the aux optimizer, with G's step-decay schedule: milestones already passed
+        in an earlier phase (``step_offset``) lower the starting rate, later ones are shifted
+        to this phase's own step count."""
+        passed = sum(m <= self.step_offset for m in self.lr_milestones)
+        lr = self.lr * self.lr_gamma**passed
+        net, aux = compressai_optimizers(models.generator, lr, self.aux_lr)
+        ahead = sorted(m - self.step_offset for m in self.lr_milestones if m > self.step_offset)
+        schedule = torch.optim.lr_scheduler.MultiStepLR(net, milestones=ahead, gamma=self.lr_gamma)
+        return PhaseOptimizers(net, aux, schedulers={"generator": schedule})
+
+    def build_optimizers(self, models: PhaseModels) -> PhaseOptimizers:
+        return self.generator_optimizers(models)
 
     @property
     def uses_lpips(self) -> bool:
@@ -343,10 +360,10 @@ class HiFiCGANPhase(HiFiCWarmupPhase):
         return PhaseModels(HiFiC(self.model), HiFiCDiscriminator.from_config(self.model))
 
     def build_optimizers(self, models: PhaseModels) -> PhaseOptimizers:
-        net, aux = compressai_optimizers(models.generator, self.lr, self.aux_lr)
+        optimizers = self.generator_optimizers(models)
         assert models.discriminator is not None
-        disc = torch.optim.Adam(models.discriminator.parameters(), lr=self.lr_d)
-        return PhaseOptimizers(net, aux, disc)
+        optimizers.discriminator = torch.optim.Adam(models.discriminator.parameters(), lr=self.lr_d)
+        return optimizers
 
     def discriminator_loss(
         self, models: PhaseModels, batch: Tensor, outputs: dict[str, Any], step: int
@@ -390,6 +407,8 @@ def hific_phases(params: Params, quality: str) -> tuple[HiFiCWarmupPhase, HiFiCG
         "loss": loss,
         "lr": cfg.lr,
         "aux_lr": cfg.aux_lr,
+        "lr_milestones": list(cfg.lr_milestones),
+        "lr_gamma": cfg.lr_gamma,
         "batch_size": cfg.batch_size,
         "crop": cfg.crop,
         "random_flip": params.data.random_flip,

@@ -300,3 +300,27 @@ def test_phases_from_params() -> None:
     assert hific_phases(no_gan, "low")[1] is None
     with pytest.raises(ConfigError, match="no entry for quality 'high'"):
         hific_phases(params, "high")
+
+
+def test_hific_lr_milestones_count_steps_across_warmup_and_gan() -> None:
+    """hific.lr_milestones count HiFiC steps over both sub-phases: the warm-up's rate drops at
+    its milestone, the GAN phase starts at the decayed rate and meets later milestones at the
+    right step of its own count."""
+
+    def lrs(phase: HiFiCWarmupPhase, steps: int) -> list[float]:
+        models = phase.build_models()
+        optimizers = phase.build_optimizers(models)
+        out = []
+        for _ in range(steps):
+            out.append(optimizers.generator.param_groups[0]["lr"])
+            optimizers.generator.step()
+            for scheduler in optimizers.schedulers.values():
+                scheduler.step()
+        return out
+
+    common = dict(model=HiFiCConfig.tiny(), loss=LOSS, lr=1e-3, crop=64)
+    warmup = HiFiCWarmupPhase(**common, lr_milestones=[3, 7], lr_gamma=0.5)
+    assert lrs(warmup, 4) == pytest.approx([1e-3, 1e-3, 1e-3, 5e-4])
+    gan = HiFiCGANPhase(**common, lr_milestones=[3, 7], lr_gamma=0.5, step_offset=5)
+    assert lrs(gan, 3) == pytest.approx([5e-4, 5e-4, 2.5e-4])
+    assert lrs(HiFiCWarmupPhase(**common), 3) == pytest.approx([1e-3] * 3)  # none: constant
