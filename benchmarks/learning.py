@@ -104,12 +104,10 @@ def prepare_sample(params: Params, work: Path) -> Path:
 def heldout_clips(shards: Path, count: int) -> list[torch.Tensor]:
     """``count`` test clips spread over the split (every source video, as the training
     stages' held-out check picks them), whole frames ``[7, 3, H, W]`` in [0, 1]."""
-    from pipeline.data.datasets import SeptupletShards
+    from pipeline.data.datasets import SeptupletShards, spread_indices
 
     data = SeptupletShards(shards / "test")
-    n = len(data)
-    indices = sorted({round(i) for i in np.linspace(0, n - 1, min(count, n))}) if n else []
-    return [data[i]["frames"] for i in indices]
+    return [data[i]["frames"] for i in spread_indices(len(data), count)]
 
 
 # ----------------------------------------------------------------------------- measuring

@@ -49,7 +49,15 @@ __all__ = [
     "SeptupletShards",
     "read_encoded_septuplets_ray",
     "read_septuplets_ray",
+    "spread_indices",
 ]
+
+
+def spread_indices(n: int, count: int) -> list[int]:
+    """Up to ``count`` indices of ``range(n)`` spread evenly from first to last: clips of
+    every source video of a split in shard order, not only the first video's."""
+    k = min(count, n)
+    return sorted({round(i) for i in np.linspace(0, n - 1, k)}) if k > 0 else []
 
 
 def _decode_table(

@@ -128,7 +128,7 @@ class TestSet:
                 raise EvaluationError(f"{where}: {seq.path} does not exist")
             center_crop_box(seq.height, seq.width, multiple, name=where)
         if shard_dir is not None:
-            from pipeline.data.datasets import SeptupletShards
+            from pipeline.data.datasets import SeptupletShards, spread_indices
 
             try:
                 self._shards = SeptupletShards(shard_dir)
@@ -139,7 +139,7 @@ class TestSet:
             n = len(self._shards)
             k = n if max_clips is None else min(max_clips, n)
             # evenly spread over the sorted ids: clips of every source video, not the first one
-            self._clip_indices = sorted({round(i) for i in np.linspace(0, n - 1, k)}) if k else []
+            self._clip_indices = spread_indices(n, k)
         if not self.yuv and not self._clip_indices:
             raise EvaluationError(
                 "no test sequences: the test shards hold no clips and evaluate.sequences is empty"

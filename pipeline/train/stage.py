@@ -114,7 +114,7 @@ def heldout_metrics(
     that of the decoded I-frame the P-frames start from).
     """
     from pipeline.data.clips import batch_to_tensor, decode_png_rgb
-    from pipeline.data.datasets import SeptupletShards
+    from pipeline.data.datasets import SeptupletShards, spread_indices
     from pipeline.data.training_clips import load_iframes
     from plvc.entropy import bpp
     from plvc.weights import load_weights
@@ -127,8 +127,7 @@ def heldout_metrics(
         raise RunnerError(f"held-out clips: {exc}") from exc
     iframe_dir = Path(iframe_dir)
     iframes = load_iframes(iframe_dir.parent, iframe_dir.name)
-    n = len(shards)
-    indices = sorted({round(i) for i in np.linspace(0, n - 1, min(max_clips, n))}) if n else []
+    indices = spread_indices(len(shards), max_clips)
     rates: list[list[float]] = []
     psnrs: list[list[float]] = []
     iframe_stats: list[tuple[float, float]] = []
