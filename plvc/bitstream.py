@@ -41,6 +41,7 @@ __all__ = [
     "FrameRecord",
     "FrameType",
     "StreamHeader",
+    "check_payload_size",
     "decode_container",
     "encode_container",
     "frame_type_for_index",
@@ -446,6 +447,19 @@ def unpack_fields(data: bytes, what: str = "payload") -> tuple[list[int], list[b
             f"{what}: strings declare {sum(lengths)} bytes but {reader.remaining} remain"
         )
     return ints, [reader.take(n, f"{what} string {k}") for k, n in enumerate(lengths)]
+
+
+def check_payload_size(
+    what: str, declared: tuple[int, int], expected: tuple[int, int] | None
+) -> None:
+    """Raise :class:`BitstreamError` when a payload declares another ``(H, W)`` than the
+    caller expects. Called before decoding, so what a decoder allocates is bounded by the
+    frame size of the stream's header, not by a size a forged payload names."""
+    if expected is not None and tuple(declared) != tuple(expected):
+        raise BitstreamError(
+            f"{what}: declares a {declared[1]}x{declared[0]} image, the stream's frames are "
+            f"{expected[1]}x{expected[0]}"
+        )
 
 
 def pad_for_rans(string: bytes, num_symbols: int) -> bytes:

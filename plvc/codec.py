@@ -439,6 +439,36 @@ class VideoDecoder:
         self.intra = intra
         self.device = _model_device(model)
         self._latent_channels = int(model.config.latent_channels)
+        self._check_records()
+
+    def _check_records(self) -> None:
+        """Every record's sizes against what the header and the model imply, before anything
+        is decoded: a forged latent size must not make the decoder allocate for it."""
+        coded_h, coded_w = self.header.coded_height, self.header.coded_width
+        stride = int(self.model.stride)
+        if coded_h % stride or coded_w % stride:
+            raise BitstreamError(
+                f"coded size {coded_w}x{coded_h} is not a multiple of the model's stride {stride}"
+            )
+        latent = (coded_h // stride, coded_w // stride)
+        for index, record in enumerate(self.records):
+            if record.frame_type is FrameType.I:
+                if len(record.strings) != 1:
+                    raise BitstreamError(
+                        f"frame {index}: an I-frame has one intra payload, found "
+                        f"{len(record.strings)} strings"
+                    )
+                continue
+            if len(record.strings) != 2:
+                raise BitstreamError(
+                    f"frame {index}: a P-frame has two strings (motion, residual), found "
+                    f"{len(record.strings)}"
+                )
+            if record.shape is None or tuple(record.shape) != latent:
+                raise BitstreamError(
+                    f"frame {index}: latent size {record.shape} does not match the "
+                    f"{coded_w}x{coded_h} coded frame (expected {latent})"
+                )
 
     def __len__(self) -> int:
         return self.header.frame_count
@@ -465,7 +495,7 @@ class VideoDecoder:
         coded_h, coded_w = self.header.coded_height, self.header.coded_width
         if record.frame_type is FrameType.I:
             ih, iw = _intra_roundtrip_size(self.header, self.intra)
-            image = self.intra.decode(record.strings[0])
+            image = self.intra.decode(record.strings[0], expected_size=(ih, iw))
             if tuple(image.shape) != (3, ih, iw):
                 raise BitstreamError(
                     f"I-frame decodes to {list(image.shape)}, expected [3, {ih}, {iw}]"

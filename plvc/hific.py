@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from plvc.bitstream import MAX_DIMENSION, pack_fields, unpack_fields
+from plvc.bitstream import MAX_DIMENSION, check_payload_size, pack_fields, unpack_fields
 from plvc.determinism import cpu_functional_call, deterministic_coding
 from plvc.errors import BitstreamError, IntraCodecError, WeightsError
 from plvc.fileio import atomic_torch_save
@@ -748,9 +748,11 @@ class HiFiCIntraCodec:
         (y_string,), (z_string,) = out["strings"]
         return pack_hific_stream(int(image.size(1)), int(image.size(2)), y_string, z_string)
 
-    def decode(self, data: bytes) -> Tensor:
-        """Decode :meth:`encode`'s bytes to a CPU float32 image ``[3, H, W]`` on 8-bit levels."""
+    def decode(self, data: bytes, expected_size: tuple[int, int] | None = None) -> Tensor:
+        """Decode :meth:`encode`'s bytes to a CPU float32 image ``[3, H, W]`` on 8-bit levels
+        (``expected_size``: see :meth:`plvc.intra.IntraCodec.decode`)."""
         header, y_string, z_string = unpack_hific_stream(data, self.stride)
+        check_payload_size(_PAYLOAD, (header.height, header.width), expected_size)
         try:
             x_hat = self.model.decompress([[y_string], [z_string]], header.latent_shape)["x_hat"]
         except (RuntimeError, ValueError) as exc:

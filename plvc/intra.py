@@ -36,7 +36,11 @@ class IntraCodec(Protocol):
 
     def encode(self, image: torch.Tensor) -> bytes: ...
 
-    def decode(self, data: bytes) -> torch.Tensor: ...
+    def decode(self, data: bytes, expected_size: tuple[int, int] | None = None) -> torch.Tensor:
+        """``expected_size`` ``(H, W)``: what the caller knows the image to be; a payload that
+        declares another size raises :class:`~plvc.errors.BitstreamError` before anything is
+        decoded (a forged payload must not make the decoder allocate for its own size)."""
+        ...
 
 
 IntraFactory = Callable[..., IntraCodec]

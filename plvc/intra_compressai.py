@@ -29,7 +29,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from plvc.bitstream import MAX_DIMENSION, pack_fields, pad_for_rans, unpack_fields
+from plvc.bitstream import (
+    MAX_DIMENSION,
+    check_payload_size,
+    pack_fields,
+    pad_for_rans,
+    unpack_fields,
+)
 from plvc.determinism import deterministic_coding
 from plvc.errors import BitstreamError, IntraCodecError
 from plvc.intra import register_intra_codec
@@ -233,14 +239,16 @@ class CompressAIIntraCodec:
             counts = [self.model.M * 16 * sh * sw, self.model.N * sh * sw]
         return [pad_for_rans(s, n) for s, n in zip(strings, counts, strict=True)]
 
-    def decode(self, data: bytes) -> torch.Tensor:
-        """Decode bytes from :meth:`encode` to a float image ``[3, H, W]`` in ``[0, 1]``."""
+    def decode(self, data: bytes, expected_size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Decode bytes from :meth:`encode` to a float image ``[3, H, W]`` in ``[0, 1]``
+        (``expected_size``: see :meth:`plvc.intra.IntraCodec.decode`)."""
         ints, strings = unpack_fields(data, _PAYLOAD)
         if len(ints) != 4:
             raise BitstreamError(f"{_PAYLOAD}: expected 4 integers, found {len(ints)}")
         h, w, sh, sw = ints
         if not (0 < h <= MAX_DIMENSION and 0 < w <= MAX_DIMENSION):
             raise BitstreamError(f"{_PAYLOAD}: image size {w}x{h} out of range")
+        check_payload_size(_PAYLOAD, (h, w), expected_size)
         ph, pw = (math.ceil(v / self.stride) * self.stride for v in (h, w))
         expected = (ph // self._latent_stride, pw // self._latent_stride)
         if (sh, sw) != expected:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from pipeline.eval.metrics import EvaluationError
+from plvc.bitstream import check_payload_size
 from plvc.weights import file_sha256
 
 if TYPE_CHECKING:
@@ -89,14 +90,15 @@ class CachedIntraCodec:
             self.hits += 1
         return payload
 
-    def decode(self, data: bytes) -> torch.Tensor:
+    def decode(self, data: bytes, expected_size: tuple[int, int] | None = None) -> torch.Tensor:
         key = hashlib.sha256(data).digest()
         cached = self._decoded.get(key)
         if cached is not None:
+            check_payload_size("intra payload", tuple(cached.shape[-2:]), expected_size)
             self.hits += 1
             return cached.float().div(255.0) if cached.dtype == torch.uint8 else cached.clone()
         self.misses += 1
-        image = self.inner.decode(data)
+        image = self.inner.decode(data, expected_size=expected_size)
         self._remember_decoded(key, image)
         return image
 

@@ -212,6 +212,42 @@ def test_damaged_p_frame_strings_raise_or_decode(coded: Coded) -> None:
         assert frames.shape == (FRAMES, 3, HEIGHT, WIDTH)
 
 
+def test_forged_latent_size_fails_before_any_allocation(coded: Coded) -> None:
+    """A P-frame record that declares a huge latent (valid CRCs, a 30 kB file) is rejected
+    from the header's frame size alone, before the decoder pads the strings for that size
+    (~0.5 GB here; ~137 GB for a 16384x16384 latent) or decodes a frame."""
+    import tracemalloc
+
+    header, records = decode_container(coded.result.data)
+    p = records[2]
+    for shape in ((2000, 2000), (p.shape[0], p.shape[1] + 1), (16384, 16384)):
+        forged = list(records)
+        forged[2] = FrameRecord(p.frame_type, p.strings, shape)
+        data = encode_container(header, forged)
+        tracemalloc.start()
+        try:
+            with pytest.raises(BitstreamError, match=r"frame 2: latent size .* does not match"):
+                decode_video(data, coded.model)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 20 * 2**20, f"{peak / 2**20:.0f} MiB allocated for a forged latent size"
+
+
+def test_forged_intra_payload_size_fails_before_decoding(coded: Coded) -> None:
+    """An I-frame payload that declares another image size than the stream's frames (with a
+    consistent latent shape, so the intra codec alone would decode it) is rejected."""
+    from plvc.bitstream import pack_fields, unpack_fields
+
+    header, records = decode_container(coded.result.data)
+    ints, strings = unpack_fields(records[0].strings[0])
+    h, w, sh, sw = ints
+    big = [4 * h, 4 * w, 4 * sh, 4 * sw]
+    forged = [FrameRecord(records[0].frame_type, (pack_fields(big, strings),)), *records[1:]]
+    with pytest.raises(BitstreamError, match=rf"frame 0: .*declares a {4 * w}x{4 * h} image"):
+        decode_video(encode_container(header, forged), coded.model)
+
+
 def test_bad_input_frames(coded: Coded) -> None:
     with pytest.raises(PLVCError, match="no frames to encode"):
         encode_video(iter([]), coded.model, coded.intra)
