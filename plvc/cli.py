@@ -148,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--intra-config",
         type=_json_object,
         metavar="JSON",
-        help="replace keys of the stream's intra codec config (e.g. a moved weights path)",
+        help="replace keys of the stream's intra codec config (e.g. a moved weights path; "
+        '{"allow_random_init": true} to decode a smoke-test stream of an untrained intra codec)',
     )
     dec.add_argument(
         "--matrix", choices=("bt601", "bt709"), default="bt601", help="YCbCr matrix of Y4M output"

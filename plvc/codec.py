@@ -51,6 +51,7 @@ __all__ = [
     "intra_spec",
     "iter_decode",
     "model_fingerprint",
+    "stream_intra_config",
 ]
 
 Frame = torch.Tensor | np.ndarray
@@ -403,6 +404,30 @@ def _chain(first: Frame, rest: Iterator[Frame]) -> Iterator[Frame]:
 # decoding
 
 
+def stream_intra_config(stream_config: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """The intra codec's config to decode with: the stream's, updated by the caller's.
+
+    A stream is data, not instructions: it may not ask for a randomly initialised intra
+    codec (its frames would decode to garbage without a word) or name a weights file without
+    that file's SHA-256; the caller allows either explicitly through ``overrides``.
+    """
+    if stream_config.get("allow_random_init") and not overrides.get("allow_random_init"):
+        raise IntraCodecError(
+            "the stream asks for a randomly initialised intra codec (a smoke-test stream); "
+            "a decoder builds one only when told to: intra_overrides="
+            "{'allow_random_init': True} (plvc decode --intra-config "
+            "'{\"allow_random_init\": true}')"
+        )
+    unchecked = "weights" in stream_config and not stream_config.get("weights_sha256")
+    if unchecked and "weights" not in overrides:
+        raise IntraCodecError(
+            f"the stream names intra weights {stream_config['weights']!r} without their "
+            "SHA-256, so nothing says they are the encoder's: pass the weights file "
+            "yourself (intra_overrides={'weights': ...}, plvc decode --intra-config)"
+        )
+    return {**stream_config, **overrides}
+
+
 class VideoDecoder:
     """Decodes a parsed stream frame by frame; iterate for float ``[3, H, W]`` CPU frames."""
 
@@ -424,7 +449,7 @@ class VideoDecoder:
                 f"{model_fingerprint(model).hex()}): pass the weights file used to encode it"
             )
         if intra is None:
-            config = {**self.header.intra_config, **(intra_overrides or {})}
+            config = stream_intra_config(self.header.intra_config, intra_overrides or {})
             try:
                 intra = get_intra_codec(self.header.intra_name, **config)
             except TypeError as exc:

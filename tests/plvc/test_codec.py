@@ -248,6 +248,35 @@ def test_forged_intra_payload_size_fails_before_decoding(coded: Coded) -> None:
         decode_video(encode_container(header, forged), coded.model)
 
 
+def test_stream_cannot_ask_for_a_random_or_unchecked_intra_codec(coded: Coded) -> None:
+    """The stream's intra config is data: a forged ``allow_random_init`` or a weights path
+    without its SHA-256 is refused unless the caller says so explicitly."""
+    import dataclasses
+
+    header, records = decode_container(coded.result.data)
+    stream_config = dict(header.intra_config)
+    assert stream_config["weights_sha256"]  # what an encoder writes
+
+    random = {k: v for k, v in stream_config.items() if k not in ("weights", "weights_sha256")}
+    random |= {"allow_random_init": True, "seed": 0}
+    unchecked = {k: v for k, v in stream_config.items() if k != "weights_sha256"}
+    for config, match, consent in (
+        (random, "randomly initialised intra codec", {"allow_random_init": True}),
+        (unchecked, "without their SHA-256", {"weights": stream_config["weights"]}),
+    ):
+        data = encode_container(dataclasses.replace(header, intra_config=config), records)
+        with pytest.raises(IntraCodecError, match=match):
+            decode_video(data, coded.model)
+        decoded = decode_video(data, coded.model, intra_overrides=consent)
+        assert decoded.shape == (FRAMES, 3, HEIGHT, WIDTH)
+    # with the encoder's own weights named explicitly, the stream decodes exactly
+    data = encode_container(dataclasses.replace(header, intra_config=unchecked), records)
+    decoded = decode_video(
+        data, coded.model, intra_overrides={"weights": str(coded.weights.parent / "intra.pt")}
+    )
+    assert torch.equal(decoded, coded.result.reconstruction)
+
+
 def test_bad_input_frames(coded: Coded) -> None:
     with pytest.raises(PLVCError, match="no frames to encode"):
         encode_video(iter([]), coded.model, coded.intra)

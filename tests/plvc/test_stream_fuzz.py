@@ -1,0 +1,190 @@
+"""Structure-aware fuzzing of the decoder: a real stream parsed with the project's reader, one
+field changed, rewritten with fresh CRCs, decoded in a subprocess whose memory is measured.
+
+Allowed outcomes: the project's own error (a :class:`plvc.errors.PLVCError`) or frames of the
+declared count and size. Never another exception, a hang, or a peak resident size above
+:data:`MAX_RSS_MIB` (the decoder of a 5-frame 150x100 stream needs ~0.5 GiB with torch loaded).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import resource
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+CASES = 120
+SEED = 2026
+MAX_RSS_MIB = 1500
+
+MUTATIONS = (
+    "p_string_bytes",
+    "p_string_length",
+    "p_latent_size",
+    "p_string_count",
+    "intra_sizes",
+    "intra_string_bytes",
+    "intra_config",
+    "header_size",
+)
+
+
+def _mutate(
+    kind: str, rng: random.Random, header: Any, records: list[Any]
+) -> tuple[Any, list[Any]]:
+    from plvc.bitstream import FrameRecord, FrameType, pack_fields, unpack_fields
+
+    records = list(records)
+    p_index = rng.choice([i for i, r in enumerate(records) if r.frame_type is FrameType.P])
+    i_index = rng.choice([i for i, r in enumerate(records) if r.frame_type is FrameType.I])
+    p, intra = records[p_index], records[i_index]
+    if kind == "p_string_bytes":
+        which = rng.randrange(len(p.strings))
+        data = bytearray(p.strings[which])
+        for _ in range(rng.randint(1, 8)):
+            if data:
+                data[rng.randrange(len(data))] = rng.randrange(256)
+        strings = list(p.strings)
+        strings[which] = bytes(data)
+        records[p_index] = FrameRecord(p.frame_type, tuple(strings), p.shape)
+    elif kind == "p_string_length":
+        which = rng.randrange(len(p.strings))
+        s = p.strings[which]
+        new = s[: rng.randrange(len(s) + 1)] if rng.random() < 0.5 else s + rng.randbytes(64)
+        strings = list(p.strings)
+        strings[which] = new
+        records[p_index] = FrameRecord(p.frame_type, tuple(strings), p.shape)
+    elif kind == "p_latent_size":
+        assert p.shape is not None
+        shape = rng.choice(
+            [
+                (p.shape[0] + 1, p.shape[1]),
+                (p.shape[0], max(1, p.shape[1] - 1)),
+                (rng.randint(1, 4096), rng.randint(1, 4096)),
+                (16384, 16384),
+                (1, 1),
+            ]
+        )
+        records[p_index] = FrameRecord(p.frame_type, p.strings, shape)
+    elif kind == "p_string_count":
+        strings = p.strings[:1] if rng.random() < 0.5 else (*p.strings, b"\x00" * 8)
+        records[p_index] = FrameRecord(p.frame_type, tuple(strings), p.shape)
+    elif kind == "intra_sizes":
+        ints, strings = unpack_fields(intra.strings[0])
+        pick = rng.randrange(len(ints))
+        ints[pick] = rng.choice([0, 1, ints[pick] + 1, ints[pick] * 4, 16384, 2**20])
+        records[i_index] = FrameRecord(intra.frame_type, (pack_fields(ints, strings),))
+    elif kind == "intra_string_bytes":
+        ints, strings = unpack_fields(intra.strings[0])
+        which = rng.randrange(len(strings))
+        data = bytearray(strings[which])
+        for _ in range(rng.randint(1, 8)):
+            if data:
+                data[rng.randrange(len(data))] = rng.randrange(256)
+        strings[which] = bytes(data)
+        records[i_index] = FrameRecord(intra.frame_type, (pack_fields(ints, strings),))
+    elif kind == "intra_config":
+        config = dict(header.intra_config)
+        change = rng.choice(
+            [
+                {"allow_random_init": True},
+                {"quality": 99},
+                {"architecture": "bmshj2018-nothing"},
+                {"weights": "/nonexistent/intra.pt"},
+                {"weights_sha256": "0" * 64},
+                {"unknown_key": 1},
+            ]
+        )
+        config.update(change)
+        header = dataclasses.replace(header, intra_config=config)
+    elif kind == "header_size":
+        factor = rng.choice([2, 4, 64])
+        header = dataclasses.replace(
+            header,
+            width=min(16384, header.width * factor) if rng.random() < 0.5 else header.width,
+            height=min(16384, header.height * factor),
+        )
+    else:
+        raise ValueError(kind)
+    return header, records
+
+
+def run_cases(folder: Path, cases: int, seed: int) -> dict[str, Any]:
+    """Worker (run in a subprocess): encode a real clip, decode ``cases`` mutated streams."""
+    import torch
+
+    from plvc.bitstream import decode_container, encode_container
+    from plvc.codec import decode_video, encode_video
+    from plvc.errors import PLVCError
+    from tests.plvc.conftest import read_frames, sample_video_path
+    from tests.plvc.test_codec import make_codec_pair
+
+    torch.set_num_threads(1)
+    model, intra, _ = make_codec_pair(folder)
+    frames = read_frames(sample_video_path("carphone_pristine"), 5)[:, :, :100, :150]
+    stream = encode_video(frames.contiguous(), model, intra, gop=3, quality="low").data
+    header, records = decode_container(stream)
+    rng = random.Random(seed)
+    outcomes: Counter[str] = Counter()
+    failures = []
+    for case in range(cases):
+        kind = MUTATIONS[case % len(MUTATIONS)]
+        new_header, new_records = _mutate(kind, rng, header, records)
+        try:
+            data = encode_container(new_header, new_records)
+        except PLVCError:
+            outcomes[f"{kind}: not writable"] += 1
+            continue
+        try:
+            decoded = decode_video(data, model)
+        except PLVCError as exc:
+            outcomes[f"{kind}: {type(exc).__name__}"] += 1
+            continue
+        except Exception as exc:  # exactly what the fuzzing looks for
+            failures.append(f"case {case} {kind}: {type(exc).__name__}: {exc}"[:300])
+            continue
+        expected = (new_header.frame_count, 3, new_header.height, new_header.width)
+        if tuple(decoded.shape) == expected:
+            outcomes[f"{kind}: decoded"] += 1
+        else:
+            failures.append(f"case {case} {kind}: decoded {tuple(decoded.shape)} != {expected}")
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"outcomes": dict(outcomes), "failures": failures, "peak_rss_mib": peak_mib}
+
+
+def test_mutated_streams_give_frames_or_the_projects_error(tmp_path: Path) -> None:
+    code = (
+        "import json, sys; from pathlib import Path; "
+        "from tests.plvc.test_stream_fuzz import run_cases; "
+        f"print(json.dumps(run_cases(Path(sys.argv[1]), {CASES}, {SEED})))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(json.dumps(report, indent=1, sort_keys=True))  # the outcomes per mutation, with -s
+    assert report["failures"] == []
+    assert sum(report["outcomes"].values()) == CASES
+    assert report["peak_rss_mib"] < MAX_RSS_MIB, report["peak_rss_mib"]
+    # every kind of mutation was exercised, and some forged streams still decode (frames of
+    # the declared size): the test sees both outcomes
+    kinds = {key.split(":")[0] for key in report["outcomes"]}
+    assert kinds == set(MUTATIONS)
+    assert any(key.endswith("decoded") for key in report["outcomes"])
+
+
+if __name__ == "__main__":  # pragma: no cover - manual run: python -m tests.plvc.test_stream_fuzz
+    pytest.main([__file__, "-s", "-q"])
