@@ -338,11 +338,14 @@ class TrainConfig(_Strict):
 
 
 class BaselineSpec(_Strict):
-    """An x264/x265 anchor through ffmpeg (low-delay P, the evaluation's GOP)."""
+    """An anchor through ffmpeg (low-delay, the evaluation's GOP): x264, x265, vvenc (VVC) or
+    svtav1 (AV1); rate controls and presets per codec in :mod:`pipeline.eval.baselines`."""
 
-    codec: Literal["x264", "x265"]
+    codec: Literal["x264", "x265", "vvenc", "svtav1"]
     rate_control: Literal["crf", "qp", "bpp"] = "crf"
     points: list[float] = Field(min_length=1)
+    #: null: the codec's default (x264/x265/vvenc ``medium``, SVT-AV1 ``8``)
+    preset: str | None = None
 
 
 class YUVSequence(_Strict):
@@ -365,7 +368,19 @@ class EvaluateConfig(_Strict):
     max_clips: PosInt | None = None
     sequences: list[YUVSequence] = Field(default_factory=list)
     metrics: list[
-        Literal["psnr_rgb", "psnr_y", "ms_ssim", "lpips", "tdiff_mae", "tlp", "fid", "kid"]
+        Literal[
+            "psnr_rgb",
+            "psnr_y",
+            "ms_ssim",
+            "lpips",
+            "tdiff_mae",
+            "tlp",
+            "vmaf",
+            "vmaf_neg",
+            "xpsnr",
+            "fid",
+            "kid",
+        ]
     ] = Field(
         default_factory=lambda: [
             "psnr_rgb",

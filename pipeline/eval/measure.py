@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.eval.metrics import (
+    FFMPEG_METRICS,
     FRAME_METRICS,
     RANDOM_SUFFIX,
     SET_METRICS,
@@ -74,6 +75,7 @@ def metric_config(cfg: EvaluateConfig, device: str | torch.device) -> MetricConf
         inception_weights=cfg.inception_weights,
         allow_random_backbone=cfg.allow_random_backbone,
         device=str(device),
+        ffmpeg=None if cfg.ffmpeg is None else str(cfg.ffmpeg),
     )
 
 
@@ -89,7 +91,12 @@ def _u8_tensor(frames: np.ndarray) -> torch.Tensor:
 
 
 def is_metric_key(key: str) -> bool:
-    return key.removesuffix(RANDOM_SUFFIX) in (*FRAME_METRICS, *SET_METRICS, "kid_std")
+    return key.removesuffix(RANDOM_SUFFIX) in (
+        *FRAME_METRICS,
+        *FFMPEG_METRICS,
+        *SET_METRICS,
+        "kid_std",
+    )
 
 
 class _Method:
@@ -407,6 +414,7 @@ def anchor_configs(
             codec=s.codec,
             rate_control=s.rate_control,
             points=tuple(float(p) for p in s.points),
+            preset=s.preset,
             ffmpeg=None if ffmpeg is None else str(ffmpeg),
         )
         for s in specs
@@ -419,11 +427,11 @@ def check_anchors(configs: Sequence[BaselineConfig]) -> None:
 
     for cfg in configs:
         binary = find_ffmpeg(cfg.ffmpeg)
-        encoder = CODECS[cfg.codec][0]
+        encoder = CODECS[cfg.codec].encoder
         if encoder not in ffmpeg_encoders(binary):
             raise FFmpegNotFoundError(
-                f"{binary} has no {encoder} encoder: set evaluate.ffmpeg to an ffmpeg built "
-                "with libx264 and libx265"
+                f"{binary} has no {encoder} encoder ({cfg.codec}): set evaluate.ffmpeg to an "
+                f"ffmpeg built with {encoder}"
             )
 
 
@@ -442,7 +450,7 @@ def evaluate_anchors(
     decoded and measured like the learned codec. ``workers`` ffmpeg encodes run at once
     (default: one per core, fewer when their frames would exceed ``memory_budget`` bytes,
     default half the available memory: a 600-frame 1080p encode holds ~26 GB)."""
-    from pipeline.eval.baselines import encode_decode
+    from pipeline.eval.baselines import CODECS, encode_decode, ffmpeg_version, find_ffmpeg
 
     check_anchors(configs)
     if memory_budget is None:
@@ -457,7 +465,14 @@ def evaluate_anchors(
     for cfg, value in jobs:
         label = f"{cfg.rate_control}={value:g}"
         methods[(cfg.codec, label)] = _Method(
-            cfg.codec, label, metric_set, chunk_pixels, preset=cfg.preset, tune=cfg.tune or None
+            cfg.codec,
+            label,
+            metric_set,
+            chunk_pixels,
+            encoder=CODECS[cfg.codec].encoder,
+            preset=cfg.preset or CODECS[cfg.codec].default_preset,
+            tune=cfg.tune if cfg.codec in ("x264", "x265") else None,
+            ffmpeg=ffmpeg_version(find_ffmpeg(cfg.ffmpeg)),
         )
     sequences: list[dict[str, Any]] = []
     total = test_set.total_frames() * len(jobs)
@@ -492,6 +507,8 @@ def evaluate_anchors(
                     if nxt is not None:
                         pending.append((nxt, submit(pool, nxt)))
                     method = methods[(cfg.codec, f"{cfg.rate_control}={value:g}")]
+                    # the first sequence's command line (temp paths and all): what ran
+                    method.source.setdefault("command", " ".join(result.command))
                     method.time("encode_ms_per_frame", result.encode_s / seq.num_frames)
                     method.time("decode_ms_per_frame", result.decode_s / seq.num_frames)
                     decoded = (

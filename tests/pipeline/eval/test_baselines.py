@@ -1,4 +1,5 @@
-"""x264/x265 anchors through ffmpeg on a short real clip (carphone, 176x144)."""
+"""x264, x265, VVC (VVenC) and AV1 (SVT-AV1) anchors through ffmpeg on a short real clip
+(carphone, 176x144)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 from pipeline.eval.baselines import (
+    CODECS,
     BaselineConfig,
     BaselineError,
     FFmpegNotFoundError,
@@ -69,7 +71,7 @@ def _frame_types(bitstream: bytes, codec: str, tmp_path: Path) -> str:
     """Picture types in decode order, e.g. 'IPPPPPPPPIPP...', read by ffmpeg's showinfo."""
     path = tmp_path / f"stream.{codec}"
     path.write_bytes(bitstream)
-    muxer = {"x264": "h264", "x265": "hevc"}[codec]
+    muxer = CODECS[codec].muxer
     proc = subprocess.run(
         [
             str(FFMPEG),
@@ -91,35 +93,55 @@ def _frame_types(bitstream: bytes, codec: str, tmp_path: Path) -> str:
     return "".join(re.findall(r"iskey:\d type:([IPB])", proc.stderr))
 
 
+#: codec -> (fast preset, rate control, value, inter picture type in low delay)
+ROUND_TRIP = {
+    "x264": ("ultrafast", "crf", 28, "P"),
+    "x265": ("ultrafast", "crf", 28, "P"),
+    # VVenC's low delay is low-delay B: bi-prediction from two past pictures
+    "vvenc": ("faster", "qp", 32, "B"),
+    "svtav1": ("12", "crf", 35, "P"),
+}
+
+
 @needs_ffmpeg
-@pytest.mark.parametrize("codec", ["x264", "x265"])
+@pytest.mark.parametrize("codec", sorted(ROUND_TRIP))
 def test_low_delay_anchor_round_trip(codec: str, carphone: torch.Tensor, tmp_path: Path) -> None:
-    cfg = BaselineConfig(codec=codec, preset="ultrafast", gop_size=GOP)
-    result = encode_decode(carphone, cfg, 28)
+    preset, rate_control, value, inter = ROUND_TRIP[codec]
+    if CODECS[codec].encoder not in ffmpeg_encoders(FFMPEG):
+        pytest.skip(f"{FFMPEG} has no {CODECS[codec].encoder}")
+    cfg = BaselineConfig(codec=codec, preset=preset, gop_size=GOP, rate_control=rate_control)
+    result = encode_decode(carphone, cfg, value)
     t, _, h, w = carphone.shape
     assert result.decoded.shape == carphone.shape
     assert result.bpp == bits_per_pixel(len(result.bitstream), t, h, w)
-    assert result.point == "crf=28"
-    # I-frame every GOP frames, P-frames only: the same structure as our codec
-    assert _frame_types(result.bitstream, codec, tmp_path) == ("I" + "P" * (GOP - 1)) * 2
+    assert result.point == f"{rate_control}={value}"
+    # an I-frame every GOP frames, then only pictures that reference the past: the same
+    # structure as our codec
+    assert _frame_types(result.bitstream, codec, tmp_path) == ("I" + inter * (GOP - 1)) * 2
     # colour path intact (a swapped plane or channel would give ~10 dB)
     psnr = 10 * torch.log10(1 / (result.decoded - carphone).pow(2).mean())
     assert 28 < float(psnr) < 45
     # fixed threads and no SEI: the same bytes every time
-    assert encode_decode(carphone, cfg, 28).bitstream == result.bitstream
+    assert encode_decode(carphone, cfg, value).bitstream == result.bitstream
 
 
 @needs_ffmpeg
-@pytest.mark.parametrize("codec", ["x264", "x265"])
+@pytest.mark.parametrize("codec", sorted(ROUND_TRIP))
 def test_target_bpp_is_met(codec: str, carphone: torch.Tensor) -> None:
+    if CODECS[codec].encoder not in ffmpeg_encoders(FFMPEG):
+        pytest.skip(f"{FFMPEG} has no {CODECS[codec].encoder}")
     targets = (0.15, 0.4)
-    cfg = BaselineConfig(codec=codec, rate_control="bpp", points=targets, preset="ultrafast")
+    preset = ROUND_TRIP[codec][0]
+    cfg = BaselineConfig(codec=codec, rate_control="bpp", points=targets, preset=preset)
     results = run_baselines(carphone, [cfg])
     assert [r.point for r in results] == ["bpp=0.15", "bpp=0.4"]
+    # two-pass rate control on 18 frames: within 25 % of the target; SVT-AV1's low delay has
+    # one-pass CBR only, whose key frame overshoots on a clip this short
+    tolerance = 0.6 if codec == "svtav1" else 0.25
     for target, result in zip(targets, results, strict=True):
         assert result.decoded.shape[0] == FRAMES
-        # two-pass rate control on 18 frames: within 25 % of the target
-        assert 0.75 * target < result.bpp < 1.25 * target, (codec, target, result.bpp)
+        assert abs(result.bpp / target - 1) < tolerance, (codec, target, result.bpp)
+    assert results[0].bpp < results[1].bpp
 
 
 @needs_ffmpeg
@@ -183,6 +205,10 @@ def test_bad_settings_and_frames_are_refused() -> None:
         BaselineConfig(codec="vp9")  # type: ignore[arg-type]
     with pytest.raises(BaselineError, match=r"0\.\.51"):
         BaselineConfig(points=(60.0,))
+    with pytest.raises(BaselineError, match=r"0\.\.63"):
+        BaselineConfig(codec="svtav1", points=(70.0,))
+    with pytest.raises(BaselineError, match="vvenc's rate_control must be one of qp, bpp"):
+        BaselineConfig(codec="vvenc", rate_control="crf", points=(30.0,))
     with pytest.raises(BaselineError, match="target bpp"):
         BaselineConfig(rate_control="bpp", points=(0.0,))
     with pytest.raises(BaselineError, match=r"\[T, 3, H, W\]"):
