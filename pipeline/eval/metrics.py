@@ -81,6 +81,7 @@ from pipeline.errors import PipelineError
 
 __all__ = [
     "ALL_METRICS",
+    "FFMPEG_METRICS",
     "FRAME_METRICS",
     "MS_SSIM_WEIGHTS",
     "RANDOM_SUFFIX",
@@ -105,11 +106,15 @@ __all__ = [
 FRAME_METRICS = ("psnr_rgb", "psnr_y", "ms_ssim", "lpips", "tdiff_mae", "tlp")
 
 
+#: per-frame metrics computed by ffmpeg (:mod:`pipeline.eval.ffmpeg_metrics`)
+FFMPEG_METRICS = ("vmaf", "vmaf_neg", "xpsnr")
+
+
 #: metrics over the whole set of frames
 SET_METRICS = ("fid", "kid")
 
 
-ALL_METRICS = FRAME_METRICS + SET_METRICS
+ALL_METRICS = FRAME_METRICS + FFMPEG_METRICS + SET_METRICS
 
 
 #: suffix of every output key computed with a random (untrained) backbone
@@ -249,7 +254,7 @@ class MetricConfig:
     """What to measure and where the backbones come from (the ``evaluate.*`` params)."""
 
     #: subset of :data:`ALL_METRICS`; leave out a metric whose backbone is absent
-    metrics: tuple[str, ...] = ALL_METRICS
+    metrics: tuple[str, ...] = FRAME_METRICS + SET_METRICS
     #: torchvision AlexNet weights for LPIPS (None: torch hub cache)
     lpips_backbone: Path | str | None = None
     #: torch-fidelity Inception weights for FID/KID (None: torch hub cache)
@@ -267,6 +272,8 @@ class MetricConfig:
     batch_size: int = 8
     device: str = "cpu"
     seed: int = 0
+    #: ffmpeg for VMAF/XPSNR (the ``evaluate.ffmpeg`` param; None: the imageio-ffmpeg binary)
+    ffmpeg: str | None = None
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.metrics if m not in ALL_METRICS]
@@ -495,6 +502,14 @@ class MetricRun:
                     cols[ms.key("tlp")] = nan + (lp_hat - lp).abs().tolist()
                 else:
                     cols[ms.key("tlp")] = nan
+            if wanted & set(FFMPEG_METRICS):
+                from pipeline.eval.ffmpeg_metrics import ffmpeg_frame_metrics
+
+                cols.update(
+                    ffmpeg_frame_metrics(
+                        x, x_hat, wanted, video=video, ffmpeg=cfg.ffmpeg, matrix=cfg.luma_matrix
+                    )
+                )
             if wanted & set(SET_METRICS):
                 self._real.append(ms._inception_features(x))
                 self._fake.append(ms._inception_features(x_hat))

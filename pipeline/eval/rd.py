@@ -61,9 +61,13 @@ HIGHER_IS_BETTER: dict[str, bool] = {
     "kid": False,
     "tdiff_mae": False,
     "tlp": False,
+    "vmaf": True,
+    "vmaf_neg": True,
+    "xpsnr": True,
 }
-#: the paper's figures: perceptual (Fig. 5) and fidelity (Fig. 7) metrics
-PLOT_METRICS = ("lpips", "fid", "kid", "psnr_rgb", "ms_ssim")
+#: the paper's figures: perceptual (Fig. 5) and fidelity (Fig. 7) metrics, then the offline
+#: perceptual ones of today's evaluations (VMAF, VMAF NEG, XPSNR)
+PLOT_METRICS = ("lpips", "fid", "kid", "psnr_rgb", "ms_ssim", "vmaf", "vmaf_neg", "xpsnr")
 _LABELS = {
     "psnr_rgb": "PSNR RGB (dB)",
     "psnr_y": "PSNR Y (dB)",
@@ -73,6 +77,9 @@ _LABELS = {
     "kid": "KID",
     "tdiff_mae": "temporal difference MAE (8-bit)",
     "tlp": "tLP",
+    "vmaf": "VMAF (v0.6.1)",
+    "vmaf_neg": "VMAF NEG (v0.6.1neg)",
+    "xpsnr": "XPSNR Y (dB)",
 }
 
 

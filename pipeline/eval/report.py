@@ -34,7 +34,7 @@ __all__ = [
 
 
 #: the BD-rate table's metrics (perception and fidelity)
-BD_METRICS = ("lpips", "psnr_rgb")
+BD_METRICS = ("lpips", "vmaf_neg", "psnr_rgb")
 
 
 _REPORT_METRICS = (*PLOT_METRICS, "psnr_y", "tdiff_mae", "tlp")
@@ -49,6 +49,9 @@ _METRIC_NAMES = {
     "kid": "KID",
     "tdiff_mae": "temporal diff. MAE",
     "tlp": "tLP",
+    "vmaf": "VMAF",
+    "vmaf_neg": "VMAF NEG",
+    "xpsnr": "XPSNR (Y)",
 }
 
 
