@@ -1,7 +1,8 @@
 """Does the pipeline train a codec that works? Learning curves on the built-in sample.
 
     .venv/bin/python -m benchmarks.learning [--cpu-minutes 10] [--seeds 0 1 2]
-        [--plvc-minutes 8] [--gan-minutes 3] [--out reports/learning] [--work DIR]
+        [--plvc-minutes 8] [--single-p-share 0.5] [--gan-minutes 3]
+        [--anchor-lmbda 0.013 0.0018] [--out reports/learning] [--work DIR]
 
 Everything trains through the real phase classes and the real runner (Ray Train,
 ``--workers`` workers, checkpoints, resume) on the sample's shards, and is measured on real
@@ -12,11 +13,13 @@ bitstreams of the sample's *test* clips (bytes written to disk, read back, decod
    ``--cpu-minutes`` of training wall time, then ``--gan-minutes`` of its GAN phase; once per
    ``--seeds`` (no seed may stall).
 2. The anchor at the same budget, crops, batch and data: CompressAI's ``bmshj2018-hyperprior``
-   (quality 3, random init, Adam 1e-4, ``R + 0.013·255²·MSE``;
+   (quality 3, random init, Adam 1e-4, ``R + λ·255²·MSE``, one run per ``--anchor-lmbda``:
+   0.013 is quality 3's, 0.0018 quality 1's, which lands near HiFiC's rate on the sample;
    :mod:`pipeline.train.phases.anchor`). Re-measured in every run: it is the reference.
 3. PLVC on top of the first seed's HiFiC I-frames (coded by the ``iframes`` stage's
    :func:`~pipeline.data.iframes.code_iframes`): single-P, then multi-P, then the GAN phase
-   (``train.*`` and ``qualities.low`` of ``--params``), ``--plvc-minutes`` split between them.
+   (``train.*`` and ``qualities.low`` of ``--params``), ``--plvc-minutes`` split between them
+   (``--single-p-share`` to single-P).
    Test clips are coded by :func:`plvc.codec.encode_video` (GOP 7: an I-frame then 6 P-frames).
 
 Each phase is one Ray run that checkpoints every 25 steps; every checkpoint is measured after
@@ -327,21 +330,29 @@ def run_image_codecs(
     if not args.skip_anchor:
         params = _params(base, args.work, args.workers, args.seeds[0])
         cfg = params.hific
-        anchor = HyperpriorAnchorPhase(
-            batch_size=args.batch, crop=cfg.crop, random_flip=params.data.random_flip
-        )
-        train_to_marks(
-            anchor,
-            params,
-            name=f"anchor-s{args.seeds[0]}-{os.getpid()}",
-            work=args.work,
-            datasets=datasets,
-            budget_s=60 * args.cpu_minutes,
-            measure=lambda d, m: measure_anchor(d, images, args.work / "streams" / "anchor"),
-            row={"model": "bmshj2018-hyperprior", "phase": "rd", "seed": args.seeds[0]},
-            rows=rows,
-            out=args.out,
-        )
+        for lmbda in args.anchor_lmbda:
+            anchor = HyperpriorAnchorPhase(
+                lmbda=lmbda,
+                batch_size=args.batch,
+                crop=cfg.crop,
+                random_flip=params.data.random_flip,
+            )
+            train_to_marks(
+                anchor,
+                params,
+                name=f"anchor-l{lmbda:g}-s{args.seeds[0]}-{os.getpid()}",
+                work=args.work,
+                datasets=datasets,
+                budget_s=60 * args.cpu_minutes,
+                measure=lambda d, m: measure_anchor(d, images, args.work / "streams" / "anchor"),
+                row={
+                    "model": "bmshj2018-hyperprior",
+                    "phase": f"rd lambda={lmbda:g}",
+                    "seed": args.seeds[0],
+                },
+                rows=rows,
+                out=args.out,
+            )
     return hific_exports
 
 
@@ -374,7 +385,7 @@ def run_plvc(
     intra_name, intra_config = iframe_intra_spec(iframes)
     intra = get_intra_codec(intra_name, **intra_config)
     clips = heldout_clips(shards, args.test_clips)
-    split = {"single_p": 0.5, "multi_p": 0.5}
+    split = {"single_p": args.single_p_share, "multi_p": 1.0 - args.single_p_share}
     init: Path | None = None
     for name in ("single_p", "multi_p", "gan"):
         phase = build_phase(name, params, "low", intra_name=intra_name, intra_config=intra_config)
@@ -456,6 +467,20 @@ def main() -> None:
     parser.add_argument("--cpu-minutes", type=float, default=10.0, help="per image codec")
     parser.add_argument("--gan-minutes", type=float, default=3.0, help="per GAN phase")
     parser.add_argument("--plvc-minutes", type=float, default=8.0, help="single-P + multi-P")
+    parser.add_argument(
+        "--single-p-share",
+        type=float,
+        default=0.5,
+        help="part of --plvc-minutes for single-P (the rest: multi-P)",
+    )
+    parser.add_argument(
+        "--anchor-lmbda",
+        type=float,
+        nargs="+",
+        default=[0.013],
+        help="the anchor's λ (one anchor run each): 0.013 is CompressAI's quality 3, "
+        "0.0018 its quality 1 (near HiFiC's rate on the sample)",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--batch", type=int, default=8, help="images per step, both codecs")
