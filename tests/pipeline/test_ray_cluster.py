@@ -15,11 +15,13 @@ REPO = Path(__file__).resolve().parents[2]
 
 # what a stage does: join RAY_ADDRESS through init_ray, use the cluster, disconnect
 _STAGE = """
-import sys
+import os, sys
 from pipeline.ray_cluster import init_ray, shutdown_ray
 import ray
 how = init_ray()
-print("joined", how, ray.cluster_resources()["CPU"], flush=True)
+train_env = [os.environ.get(k, "-") for k in
+             ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")]
+print("joined", how, ray.cluster_resources()["CPU"], *train_env, flush=True)
 shutdown_ray()
 sys.exit(int(sys.argv[1]))
 """
@@ -29,7 +31,9 @@ def _wrapped(tmp_path: Path, *stage_codes: int) -> subprocess.CompletedProcess[s
     script = tmp_path / "stage.py"
     script.write_text(_STAGE)
     chain = " && ".join(f"{sys.executable} {script} {code}" for code in stage_codes)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {
+        k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith("RAY_TRAIN_")
+    }
     env["PYTHONPATH"] = str(REPO)
     return subprocess.run(
         [sys.executable, "-m", "pipeline.ray_cluster", "--num-cpus", "1", "--", "sh", "-c", chain],
@@ -50,6 +54,8 @@ def test_stages_of_one_command_join_the_same_head(tmp_path: Path) -> None:
     # both stages joined the wrapper's head (not a Ray of their own) and saw its 1 CPU
     assert [j[1] for j in joined] == [address, address], run.stdout
     assert [float(j[2]) for j in joined] == [1.0, 1.0]
+    # the head is this machine's alone: Ray Train's single-node settings reach every stage
+    assert [j[3:] for j in joined] == [["0.5", "0"], ["0.5", "0"]]
 
 
 def test_the_command_exit_code_is_kept_and_the_head_stopped(tmp_path: Path) -> None:

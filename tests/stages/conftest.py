@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import pytest
 import yaml
 
@@ -39,3 +40,25 @@ def write_params(tmp_path: Path) -> Callable[..., Path]:
         return path
 
     return _write
+
+
+@pytest.fixture(scope="session")
+def sample_shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The ``download`` and ``shard`` stages run once on the small sample, for the tests of the
+    stages after them: ``{"paths.raw": ..., "paths.shards": ...}``, to pass as overrides to
+    ``write_params``. Read-only: a test that changes them must copy them first."""
+    from stages import download as download_stage
+    from stages import shard as shard_stage
+
+    root = tmp_path_factory.mktemp("sample_shards")
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(small_params(root)))
+    try:
+        download_stage.main(["--params", str(path)])
+        shard_stage.main(["--params", str(path)])
+    finally:
+        mlflow.set_tracking_uri(None)  # the tests' own stores, not this one
+    return {
+        "paths.raw": str(root / "data/raw/vimeo_septuplet"),
+        "paths.shards": str(root / "data/shards"),
+    }

@@ -18,9 +18,7 @@ from pipeline.data.clips import decode_png_rgb
 from plvc.errors import WeightsError
 from plvc.hific import HiFiC, HiFiCConfig, load_hific, save_hific
 from plvc.intra import get_intra_codec
-from stages import download as download_stage
 from stages import iframes as iframes_stage
-from stages import shard as shard_stage
 from stages import train_hific as train_hific_stage
 
 TINY_RUN = {
@@ -39,14 +37,18 @@ TINY_RUN = {
 
 @pytest.mark.ray
 def test_train_hific_then_iframes_on_the_sample(
-    ray_local: None, write_params, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ray_local: None,
+    write_params,
+    sample_shards: dict[str, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("PLVC_PIPELINE_ID", "hific-stages")
-    params_file = write_params(**TINY_RUN, **{"runner.storage_path": str(tmp_path / "ray")})
+    params_file = write_params(
+        **TINY_RUN, **sample_shards, **{"runner.storage_path": str(tmp_path / "ray")}
+    )
     params = load_params(params_file)
     argv = ["--params", str(params_file), "--quality", "low"]
-    download_stage.main(["--params", str(params_file)])
-    shard_stage.main(["--params", str(params_file)])
 
     # --- train_hific: warm-up, then GAN from the warm-up's export
     train_hific_stage.main(argv)

@@ -21,8 +21,6 @@ from pipeline.train.phases.plvc import MultiPPhase, SinglePPhase
 from pipeline.train.phases.plvc_models import model_config
 from pipeline.train.stage import loss_curves, plots_dir, ray_run_name
 from plvc.weights import load_weights
-from stages import download as download_stage
-from stages import shard as shard_stage
 from stages import train_gan, train_multi_p
 
 TRAIN_STEPS = 3
@@ -38,7 +36,12 @@ def own_mlflow_store() -> Any:
 
 @pytest.fixture
 def sample_with_iframes(
-    write_params, tmp_path: Path, monkeypatch, ray_local: None, own_mlflow_store: None
+    write_params,
+    sample_shards: dict[str, str],
+    tmp_path: Path,
+    monkeypatch,
+    ray_local: None,
+    own_mlflow_store: None,
 ) -> Path:
     """The sample's shards and ``iframes/low`` coded with a tiny (untrained) HiFiC."""
     from pipeline.data.iframes import code_iframes
@@ -46,6 +49,7 @@ def sample_with_iframes(
 
     monkeypatch.setenv("PLVC_PIPELINE_ID", "plvc-stage-test")
     params_file = write_params(
+        **sample_shards,
         **{
             "runner.storage_path": str(tmp_path / "ray_results"),
             "runner.checkpoint_every": 2,
@@ -63,10 +67,8 @@ def sample_with_iframes(
             },
             "evaluate.max_clips": 2,
             "train.heldout_clips": 2,
-        }
+        },
     )
-    download_stage.main(["--params", str(params_file)])
-    shard_stage.main(["--params", str(params_file)])
     params = load_params(params_file)
     torch.manual_seed(0)
     weights = save_hific(tmp_path / "hific.pt", HiFiC(HiFiCConfig.tiny()))
