@@ -70,6 +70,7 @@ __all__ = [
     "FFmpegNotFoundError",
     "encode_decode",
     "ffmpeg_encoders",
+    "ffmpeg_listing",
     "ffmpeg_version",
     "find_ffmpeg",
     "run_baselines",
@@ -164,11 +165,11 @@ def find_ffmpeg(ffmpeg: str | os.PathLike[str] | None = None) -> Path:
 
 
 @functools.cache
-def ffmpeg_encoders(ffmpeg: Path) -> frozenset[str]:
-    """Names of the video encoders ``ffmpeg`` was built with."""
+def ffmpeg_listing(ffmpeg: Path, option: str) -> str:
+    """What ``ffmpeg -hide_banner <option>`` prints (``-encoders``, ``-filters``, ...)."""
     try:
         proc = subprocess.run(
-            [str(ffmpeg), "-hide_banner", "-encoders"],
+            [str(ffmpeg), "-hide_banner", option],
             capture_output=True,
             text=True,
             timeout=60,
@@ -176,8 +177,14 @@ def ffmpeg_encoders(ffmpeg: Path) -> frozenset[str]:
         )
     except (OSError, subprocess.SubprocessError) as exc:
         raise FFmpegNotFoundError(f"{ffmpeg} does not run as ffmpeg ({exc}); set {_PARAM}") from exc
+    return proc.stdout
+
+
+@functools.cache
+def ffmpeg_encoders(ffmpeg: Path) -> frozenset[str]:
+    """Names of the video encoders ``ffmpeg`` was built with."""
     names = set()
-    for line in proc.stdout.splitlines():
+    for line in ffmpeg_listing(ffmpeg, "-encoders").splitlines():
         parts = line.split()
         if len(parts) >= 2 and parts[0].startswith("V"):
             names.add(parts[1])

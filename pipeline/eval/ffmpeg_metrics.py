@@ -42,20 +42,10 @@ _XPSNR_LINE = re.compile(r"n:\s*(\d+)\s+XPSNR y:\s*(\S+)")
 @functools.cache
 def ffmpeg_filters(ffmpeg: Path) -> frozenset[str]:
     """Names of the filters ``ffmpeg`` was built with."""
-    try:
-        proc = subprocess.run(
-            [str(ffmpeg), "-hide_banner", "-filters"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        )
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise EvaluationError(
-            f"{ffmpeg} does not run as ffmpeg ({exc}); set evaluate.ffmpeg"
-        ) from exc
+    from pipeline.eval.baselines import ffmpeg_listing
+
     names = set()
-    for line in proc.stdout.splitlines():
+    for line in ffmpeg_listing(ffmpeg, "-filters").splitlines():
         parts = line.split()
         if len(parts) >= 2 and not line.startswith(" ="):
             names.add(parts[1])
