@@ -5,7 +5,8 @@ Layout (all integers little-endian; full description in ``docs/bitstream.md``)::
     preamble  magic "PLVC" | u8 version | u16 header body length
     body      u32 width | u32 height | u32 frame count | i32 GOP | u16 pad multiple
               | u16 CPU threads | u32 fps num | u32 fps den | 8 B model fingerprint
-              | u8 len + quality label | u8 len + intra codec name | u16 len + intra JSON config
+              | 8 B intra fingerprint (version 2) | u8 len + quality label
+              | u8 len + intra codec name | u16 len + intra JSON config
     u32       CRC32 of preamble + body
     records   per frame: u8 (type << 4 | string count) | [P only: varint shape h, w]
               | varint length per string | the strings
@@ -36,8 +37,10 @@ from plvc.fileio import atomic_write_bytes
 __all__ = [
     "FINGERPRINT_BYTES",
     "FORMAT_VERSION",
+    "INTRA_LOCAL_KEYS",
     "MAGIC",
     "MAX_DIMENSION",
+    "READABLE_VERSIONS",
     "FrameRecord",
     "FrameType",
     "StreamHeader",
@@ -54,7 +57,9 @@ __all__ = [
 ]
 
 MAGIC = b"PLVC"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: versions this build reads; version 1 has no intra fingerprint field
+READABLE_VERSIONS = (1, 2)
 #: largest accepted frame side: bounds what a decoder allocates for a forged header
 MAX_DIMENSION = 16384
 MAX_STRINGS_PER_FRAME = 15
@@ -63,8 +68,13 @@ _RANS_PAD_FIXED = 4096
 FINGERPRINT_BYTES = 8
 
 _PREAMBLE = struct.Struct("<4sBH")  # magic, version, header body length
-# w, h, frames, gop, pad, CPU threads, fps num, fps den, fingerprint
-_FIXED_BODY = struct.Struct("<IIIiHHII8s")
+# w, h, frames, gop, pad, CPU threads, fps num, fps den, model fingerprint
+_FIXED_BODY_V1 = struct.Struct("<IIIiHHII8s")
+# ... and the intra codec's fingerprint
+_FIXED_BODY = struct.Struct("<IIIiHHII8s8s")
+#: intra config keys that a stream never carries: where a file lay, and the file's digest,
+#: which the fixed intra fingerprint field replaces
+INTRA_LOCAL_KEYS = ("weights", "weights_sha256")
 _CRC = struct.Struct("<I")
 _U8 = struct.Struct("<B")
 _U16 = struct.Struct("<H")
@@ -90,7 +100,10 @@ class StreamHeader:
 
     ``width``/``height`` are the original frame size; frames are coded padded up to a
     multiple of ``pad_multiple`` and cropped back on decode. ``model_fingerprint``
-    identifies the generator weights, so decoding with other weights fails loudly.
+    identifies the generator weights and ``intra_fingerprint`` the intra codec's (first
+    bytes of its weights file's SHA-256; zeros for an untrained codec), so decoding with
+    other weights fails loudly. ``intra_config`` rebuilds the intra codec's architecture;
+    it never names a file (:data:`INTRA_LOCAL_KEYS` are refused).
     """
 
     width: int
@@ -107,6 +120,9 @@ class StreamHeader:
     """Intra-op threads of a CPU encoder (0: coded on an accelerator). CPU convolutions
     round differently for each thread count; a CPU decoder uses the same count to
     reproduce the encoder's reconstruction bit for bit."""
+    intra_fingerprint: bytes = bytes(FINGERPRINT_BYTES)
+    version: int = FORMAT_VERSION
+    """Format version the stream was read with (writers always write :data:`FORMAT_VERSION`)."""
 
     @property
     def coded_width(self) -> int:
@@ -135,12 +151,21 @@ class StreamHeader:
                 f"model fingerprint must be {FINGERPRINT_BYTES} bytes",
             ),
             (
+                len(self.intra_fingerprint) == FINGERPRINT_BYTES,
+                f"intra fingerprint must be {FINGERPRINT_BYTES} bytes",
+            ),
+            (
                 self.fps is None or (0 < self.fps[0] < 2**32 and 0 < self.fps[1] < 2**32),
                 f"fps {self.fps} must be None or two positive 32-bit integers",
             ),
             (0 <= self.cpu_threads <= 0xFFFF, f"CPU threads {self.cpu_threads} not in 0..65535"),
             (bool(self.intra_name), "intra codec name is empty"),
             (isinstance(self.intra_config, dict), "intra config must be a dict"),
+            (
+                not any(key in self.intra_config for key in INTRA_LOCAL_KEYS),
+                f"intra config names {', '.join(INTRA_LOCAL_KEYS)}: a stream carries the "
+                "intra codec's fingerprint, never a file",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -205,6 +230,7 @@ def _encode_header(header: StreamHeader) -> bytes:
             fps_num,
             fps_den,
             header.model_fingerprint,
+            header.intra_fingerprint,
         )
         + _short_text(header.quality, "quality label", _U8)
         + _short_text(header.intra_name, "intra codec name", _U8)
@@ -312,9 +338,10 @@ def read_header(data: bytes | memoryview) -> tuple[StreamHeader, int]:
         got = bytes(reader.data[: len(MAGIC)])
         raise BitstreamError(f"not a PLVC stream: magic is {got!r}, expected {MAGIC!r}")
     _, version, body_len = reader.unpack(_PREAMBLE, "preamble")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
+        readable = ", ".join(map(str, READABLE_VERSIONS))
         raise BitstreamError(
-            f"unsupported format version {version} (this build reads version {FORMAT_VERSION})"
+            f"unsupported format version {version} (this build reads versions {readable})"
         )
     body = _Reader(reader.take(body_len, "header body"))
     (stored_crc,) = reader.unpack(_CRC, "header CRC32")
@@ -324,9 +351,8 @@ def read_header(data: bytes | memoryview) -> tuple[StreamHeader, int]:
             f"header CRC32 mismatch (stored {stored_crc:08x}, computed {actual_crc:08x}): "
             "the stream is corrupt"
         )
-    width, height, frame_count, gop, pad, threads, fps_num, fps_den, fingerprint = body.unpack(
-        _FIXED_BODY, "header fields"
-    )
+    fields = body.unpack(_FIXED_BODY if version >= 2 else _FIXED_BODY_V1, "header fields")
+    width, height, frame_count, gop, pad, threads, fps_num, fps_den, fingerprint = fields[:9]
     quality = body.text(_U8, "quality label")
     intra_name = body.text(_U8, "intra codec name")
     config_text = body.text(_U16, "intra config JSON")
@@ -338,6 +364,13 @@ def read_header(data: bytes | memoryview) -> tuple[StreamHeader, int]:
         raise BitstreamError("intra config in the header is not valid JSON") from None
     if not isinstance(intra_config, dict):
         raise BitstreamError("intra config in the header is not a JSON object")
+    if version >= 2:
+        intra_fingerprint = fields[9]
+    else:
+        # version 1 named the intra weights file by path and SHA-256: keep the digest as the
+        # fingerprint and drop the path, which a decoder never follows
+        intra_fingerprint = _v1_intra_fingerprint(intra_config)
+        intra_config = {k: v for k, v in intra_config.items() if k not in INTRA_LOCAL_KEYS}
     if (fps_num == 0) != (fps_den == 0):
         raise BitstreamError(f"invalid fps {fps_num}/{fps_den} in header")
     header = StreamHeader(
@@ -352,9 +385,24 @@ def read_header(data: bytes | memoryview) -> tuple[StreamHeader, int]:
         model_fingerprint=fingerprint,
         fps=(fps_num, fps_den) if fps_num else None,
         cpu_threads=threads,
+        intra_fingerprint=intra_fingerprint,
+        version=version,
     )
     header.validate()
     return header, reader.pos
+
+
+def _v1_intra_fingerprint(config: dict[str, Any]) -> bytes:
+    digest = config.get("weights_sha256")
+    if digest is None:
+        return bytes(FINGERPRINT_BYTES)
+    try:
+        raw = bytes.fromhex(digest) if isinstance(digest, str) else b""
+    except ValueError:
+        raw = b""
+    if len(raw) < FINGERPRINT_BYTES:
+        raise BitstreamError(f"intra config: weights_sha256 {digest!r} is not a SHA-256 digest")
+    return raw[:FINGERPRINT_BYTES]
 
 
 def _decode_record(reader: _Reader, index: int, gop: int) -> FrameRecord:

@@ -1,8 +1,12 @@
 """``plvc``: encode a video to a PLVC stream, decode it, or describe a stream.
 
-    plvc encode clip.y4m -o clip.plvc --weights models/low/gan/weights.pt --gop 9
-    plvc decode clip.plvc -o decoded.y4m --weights models/low/gan/weights.pt
+    plvc encode clip.y4m -o clip.plvc --weights models/low/gan/generator.pt --gop 9
+    plvc decode clip.plvc -o decoded.y4m --weights models/low/gan/generator.pt
     plvc info clip.plvc
+    plvc bundle old_generator.pt --intra-weights hific.pt -o bundle.pt
+
+``--weights`` is a codec bundle: the generator and its intra codec's weights in one file
+(what the training stages export), so a stream decodes anywhere that file is copied.
 
 Bad input (unreadable video, corrupt stream, wrong weights) prints one line on stderr
 and exits with status 2.
@@ -74,7 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     enc.add_argument("input", type=Path, help="input video: .y4m, .yuv, PNG folder, or video file")
     enc.add_argument("-o", "--output", type=Path, required=True, help="output stream file")
-    enc.add_argument("--weights", type=Path, required=True, help="generator weights file")
+    enc.add_argument(
+        "--weights", type=Path, required=True, help="codec bundle (generator + intra codec)"
+    )
+    _intra_weights_argument(enc)
     enc.add_argument(
         "--gop",
         type=_gop,
@@ -142,13 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("input", type=Path, help="PLVC stream file")
     dec.add_argument("-o", "--output", type=Path, required=True, help="OUT.y4m or a folder")
     dec.add_argument(
-        "--weights", type=Path, required=True, help="the generator weights used to encode"
+        "--weights", type=Path, required=True, help="the codec bundle the stream was encoded with"
     )
+    _intra_weights_argument(dec)
     dec.add_argument(
         "--intra-config",
         type=_json_object,
         metavar="JSON",
-        help="replace keys of the stream's intra codec config (e.g. a moved weights path; "
+        help="replace keys of the intra codec config ("
         '{"allow_random_init": true} to decode a smoke-test stream of an untrained intra codec)',
     )
     dec.add_argument(
@@ -157,10 +165,32 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("--device", default="cpu", help="torch device (default cpu)")
     dec.add_argument("-f", "--force", action="store_true", help="overwrite OUTPUT if it exists")
 
+    bundle = sub.add_parser(
+        "bundle",
+        help="write one codec bundle from a generator file and its intra weights",
+        description="Write a codec bundle (format 2): the generator of WEIGHTS and the intra "
+        "codec's weights file embedded, so encode and decode need only this one file. "
+        "Converts format-1 generator files, which named their intra weights by path.",
+    )
+    bundle.add_argument("input", type=Path, help="generator weights file (format 1 or 2)")
+    bundle.add_argument("-o", "--output", type=Path, required=True, help="bundle file to write")
+    _intra_weights_argument(bundle)
+    bundle.add_argument("-f", "--force", action="store_true", help="overwrite OUTPUT if it exists")
+
     info = sub.add_parser("info", help="print a stream's header and rate summary")
     info.add_argument("input", type=Path, help="PLVC stream file")
     info.add_argument("--frames", action="store_true", help="also list every frame's size")
     return parser
+
+
+def _intra_weights_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--intra-weights",
+        type=Path,
+        metavar="FILE",
+        help="the intra codec's weights as a separate file: needed for format-1 generator "
+        "files (which name it by path, never followed), or to replace the bundle's",
+    )
 
 
 def _check_output(path: Path, force: bool) -> None:
@@ -174,26 +204,34 @@ def _check_output(path: Path, force: bool) -> None:
 def _encode(args: argparse.Namespace) -> str:
     from plvc.codec import VideoEncoder
     from plvc.fileio import atomic_write_bytes
-    from plvc.intra import get_intra_codec
+    from plvc.intra import IntraCodec, get_intra_codec
     from plvc.video_io import open_video
-    from plvc.weights import load_weights
+    from plvc.weights import load_codec, load_weights
 
     _check_output(args.output, args.force)
     reader = open_video(args.input, size=args.size, max_frames=args.frames, matrix=args.matrix)
-    model, meta = load_weights(args.weights, map_location=args.device)
+    intra: IntraCodec
     if args.intra is not None:
-        intra_name, intra_config = args.intra, dict(args.intra_config or {})
+        model, meta = load_weights(args.weights, map_location=args.device)
+        intra_config = dict(args.intra_config or {})
+        if args.intra_weights is not None:
+            intra_config["weights"] = str(args.intra_weights)
+        try:
+            intra = get_intra_codec(args.intra, **intra_config)
+        except TypeError as exc:
+            raise PLVCError(
+                f"intra codec {args.intra!r}: bad config {intra_config}: {exc}"
+            ) from None
+        if hasattr(intra, "to"):
+            intra.to(args.device)
     else:
-        intra_name, intra_config = (
-            meta.intra_name,
-            {**meta.intra_config, **(args.intra_config or {})},
+        bundle = load_codec(
+            args.weights,
+            args.device,
+            intra_weights=args.intra_weights,
+            intra_overrides=args.intra_config,
         )
-    try:
-        intra = get_intra_codec(intra_name, **intra_config)
-    except TypeError as exc:
-        raise PLVCError(f"intra codec {intra_name!r}: bad config {intra_config}: {exc}") from None
-    if hasattr(intra, "to"):
-        intra.to(args.device)
+        model, meta, intra = bundle.model, bundle.meta, bundle.intra
     quality = args.quality if args.quality is not None else meta.quality
     fps = reader.fps if reader.fps is not None else args.fps
 
@@ -244,9 +282,10 @@ def _encode(args: argparse.Namespace) -> str:
 
 
 def _decode(args: argparse.Namespace) -> str:
+    from plvc.bitstream import decode_container
     from plvc.codec import VideoDecoder
     from plvc.video_io import PngFolderWriter, Y4MWriter, tensor_to_frames
-    from plvc.weights import load_weights
+    from plvc.weights import load_codec, load_weights
 
     _check_output(args.output, args.force)
     try:
@@ -254,15 +293,24 @@ def _decode(args: argparse.Namespace) -> str:
     except OSError as exc:
         raise PLVCError(f"{args.input}: cannot read: {exc.strerror or exc}") from None
     try:
-        from plvc.bitstream import decode_container
-
-        decode_container(data)  # every check on the container before loading any model
+        # every check on the container before loading any model
+        decode_container(data)
     except PLVCError as exc:
         raise type(exc)(f"{args.input}: {exc}") from None
-    model, _ = load_weights(args.weights, map_location=args.device)
     start = time.perf_counter()
     try:
-        decoder = VideoDecoder(data, model, intra_overrides=args.intra_config)
+        if args.intra_config and args.intra_config.get("allow_random_init"):
+            # a smoke-test stream: its untrained intra codec is rebuilt from its own config
+            model, _ = load_weights(args.weights, map_location=args.device)
+            decoder = VideoDecoder(data, model, intra_overrides=args.intra_config)
+        else:
+            bundle = load_codec(
+                args.weights,
+                args.device,
+                intra_weights=args.intra_weights,
+                intra_overrides=args.intra_config,
+            )
+            decoder = VideoDecoder(data, bundle.model, intra=bundle.intra)
     except PLVCError as exc:
         raise type(exc)(f"{args.input}: {exc}") from None
     header = decoder.header
@@ -282,8 +330,43 @@ def _decode(args: argparse.Namespace) -> str:
     )
 
 
+def _bundle(args: argparse.Namespace) -> str:
+    from plvc.weights import load_weights, save_weights
+
+    _check_output(args.output, args.force)
+    model, meta = load_weights(args.input)
+    config = {k: v for k, v in meta.intra_config.items() if k != "weights"}
+    data = meta.intra_weights
+    if args.intra_weights is not None:
+        try:
+            data = args.intra_weights.read_bytes()
+        except OSError as exc:
+            raise PLVCError(f"{args.intra_weights}: cannot read: {exc.strerror or exc}") from None
+    elif data is None and meta.intra_trained:
+        raise PLVCError(
+            f"{args.input} does not embed its intra codec's weights (they were "
+            f"{meta.intra_config.get('weights', 'a separate file')!r}): pass --intra-weights FILE"
+        )
+    save_weights(
+        args.output,
+        model,
+        intra_name=meta.intra_name,
+        intra_config=config,
+        quality=meta.quality,
+        extra=meta.extra,
+        intra_weights_data=data,
+    )
+    from plvc.codec import model_fingerprint
+
+    return (
+        f"wrote codec bundle {args.output} ({args.output.stat().st_size} bytes): generator "
+        f"{model_fingerprint(model).hex()}, intra codec {meta.intra_name}"
+        + (f" with embedded weights ({len(data)} bytes)" if data is not None else " (untrained)")
+    )
+
+
 def _info(args: argparse.Namespace) -> str:
-    from plvc.bitstream import FORMAT_VERSION, read_stream
+    from plvc.bitstream import read_stream
 
     header, frames = read_stream(args.input)
     size = args.input.stat().st_size
@@ -295,12 +378,13 @@ def _info(args: argparse.Namespace) -> str:
     fps = f"{header.fps[0]}/{header.fps[1]}" if header.fps else "unknown"
     lines = [
         f"file       {args.input} ({size} bytes)",
-        f"format     PLVC version {FORMAT_VERSION}",
+        f"format     PLVC version {header.version}",
         f"frames     {header.frame_count} of {header.width}x{header.height} (coded "
         f"{header.coded_width}x{header.coded_height}), fps {fps}",
         f"gop        {header.gop}" + (" (single I-frame)" if header.gop == -1 else ""),
         f"quality    {header.quality or '-'}",
-        f"intra      {header.intra_name} {json.dumps(header.intra_config, sort_keys=True)}",
+        f"intra      {header.intra_name} {json.dumps(header.intra_config, sort_keys=True)}, "
+        f"fingerprint {header.intra_fingerprint.hex()}",
         f"model      fingerprint {header.model_fingerprint.hex()}",
     ]
     for kind, sizes in by_type.items():
@@ -323,7 +407,7 @@ def _info(args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-_COMMANDS = {"encode": _encode, "decode": _decode, "info": _info}
+_COMMANDS = {"encode": _encode, "decode": _decode, "bundle": _bundle, "info": _info}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

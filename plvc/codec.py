@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from plvc.bitstream import (
     FINGERPRINT_BYTES,
+    INTRA_LOCAL_KEYS,
     FrameRecord,
     FrameType,
     StreamHeader,
@@ -48,6 +49,7 @@ __all__ = [
     "coding_environment",
     "decode_video",
     "encode_video",
+    "intra_fingerprint",
     "intra_spec",
     "iter_decode",
     "model_fingerprint",
@@ -86,6 +88,27 @@ def intra_spec(intra: IntraCodec) -> tuple[str, dict[str, Any]]:
     except (TypeError, ValueError) as exc:
         raise IntraCodecError(f"intra codec {intra.name!r} config is not JSON: {exc}") from None
     return intra.name, config
+
+
+def intra_fingerprint(intra: IntraCodec) -> bytes:
+    """First bytes of the SHA-256 of the intra codec's weights file (its ``weights_sha256``);
+    zeros for a codec without trained weights. Stored in the stream header in place of any
+    path, so a decoder checks that its intra codec is the encoder's."""
+    digest = intra_spec(intra)[1].get("weights_sha256")
+    if digest is None:
+        return bytes(FINGERPRINT_BYTES)
+    try:
+        raw = bytes.fromhex(str(digest))
+    except ValueError:
+        raw = b""
+    if len(raw) < FINGERPRINT_BYTES:
+        raise IntraCodecError(f"intra codec {intra.name!r}: weights_sha256 {digest!r} is no digest")
+    return raw[:FINGERPRINT_BYTES]
+
+
+def _stream_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The intra config as a stream carries it: without a file path or the file's digest."""
+    return {k: v for k, v in config.items() if k not in INTRA_LOCAL_KEYS}
 
 
 @dataclass(frozen=True)
@@ -255,7 +278,9 @@ class VideoEncoder:
         self.gop, self.quality, self.estimate_bits = gop, quality, estimate_bits
         self.width, self.height = width, height
         self.fps = Fraction(fps) if fps is not None else None
-        self.intra_name, self.intra_config = intra_spec(intra)
+        self.intra_name, config = intra_spec(intra)
+        self.intra_config = _stream_config(config)
+        self.intra_fingerprint = intra_fingerprint(intra)
         self.pad_multiple = int(getattr(model, "stride", 16))
         self.device = _model_device(model)
         # 0 in the header: the reconstruction path ran on an accelerator
@@ -282,6 +307,7 @@ class VideoEncoder:
             intra_name=self.intra_name,
             intra_config=self.intra_config,
             model_fingerprint=self.fingerprint,
+            intra_fingerprint=self.intra_fingerprint,
             fps=fps,
             cpu_threads=self.cpu_threads,
         )
@@ -404,28 +430,36 @@ def _chain(first: Frame, rest: Iterator[Frame]) -> Iterator[Frame]:
 # decoding
 
 
-def stream_intra_config(stream_config: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """The intra codec's config to decode with: the stream's, updated by the caller's.
+def stream_intra_config(
+    header: StreamHeader, overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The intra codec's config to decode ``header``'s stream with: the stream's, updated by
+    the caller's ``overrides``.
 
-    A stream is data, not instructions: it may not ask for a randomly initialised intra
-    codec (its frames would decode to garbage without a word) or name a weights file without
-    that file's SHA-256; the caller allows either explicitly through ``overrides``.
+    A stream is data, not instructions. It names no weights file (the caller gives one: the
+    codec bundle's embedded weights, or ``overrides={"weights": ...}``, whose digest must match
+    the stream's intra fingerprint), and it may not ask for a randomly initialised intra
+    codec (its frames would decode to garbage without a word) unless the caller allows that
+    explicitly (``{"allow_random_init": True}``).
     """
-    if stream_config.get("allow_random_init") and not overrides.get("allow_random_init"):
+    overrides = dict(overrides or {})
+    config = dict(header.intra_config)
+    if config.get("allow_random_init") and not overrides.get("allow_random_init"):
         raise IntraCodecError(
             "the stream asks for a randomly initialised intra codec (a smoke-test stream); "
             "a decoder builds one only when told to: intra_overrides="
             "{'allow_random_init': True} (plvc decode --intra-config "
             "'{\"allow_random_init\": true}')"
         )
-    unchecked = "weights" in stream_config and not stream_config.get("weights_sha256")
-    if unchecked and "weights" not in overrides:
+    trained = any(header.intra_fingerprint)
+    if trained and not any(key in overrides for key in ("weights", "weights_data")):
         raise IntraCodecError(
-            f"the stream names intra weights {stream_config['weights']!r} without their "
-            "SHA-256, so nothing says they are the encoder's: pass the weights file "
-            "yourself (intra_overrides={'weights': ...}, plvc decode --intra-config)"
+            f"the stream's I-frames need the {header.intra_name!r} intra codec with fingerprint "
+            f"{header.intra_fingerprint.hex()}; a stream never names a file: decode with the "
+            "codec bundle (plvc decode --weights BUNDLE) or give the intra weights "
+            "(intra_overrides={'weights': ...}, plvc decode --intra-weights FILE)"
         )
-    return {**stream_config, **overrides}
+    return {**config, **overrides}
 
 
 class VideoDecoder:
@@ -449,7 +483,7 @@ class VideoDecoder:
                 f"{model_fingerprint(model).hex()}): pass the weights file used to encode it"
             )
         if intra is None:
-            config = stream_intra_config(self.header.intra_config, intra_overrides or {})
+            config = stream_intra_config(self.header, intra_overrides)
             try:
                 intra = get_intra_codec(self.header.intra_name, **config)
             except TypeError as exc:
@@ -460,6 +494,18 @@ class VideoDecoder:
         elif intra.name != self.header.intra_name:
             raise IntraCodecError(
                 f"stream needs intra codec {self.header.intra_name!r}, got {intra.name!r}"
+            )
+        intra_config = _stream_config(intra_spec(intra)[1])
+        if intra_config != self.header.intra_config:
+            raise IntraCodecError(
+                f"the stream's intra codec config {self.header.intra_config} is not this "
+                f"{intra.name!r} codec's {intra_config}: use the codec bundle it was encoded with"
+            )
+        if intra_fingerprint(intra) != self.header.intra_fingerprint:
+            raise IntraCodecError(
+                f"the stream was encoded with another {self.header.intra_name!r} intra codec "
+                f"(intra fingerprint {self.header.intra_fingerprint.hex()}, this one gives "
+                f"{intra_fingerprint(intra).hex()}): use the codec bundle it was encoded with"
             )
         self.intra = intra
         self.device = _model_device(model)
@@ -532,17 +578,29 @@ class VideoDecoder:
         return self.model.decompress_pframe(strings, record.shape, ref, state)
 
 
-def _load_model(
-    weights: str | os.PathLike[str] | None, model: PLVC | None, device: str | None
-) -> PLVC:
+def _load_codec(
+    weights: str | os.PathLike[str] | None,
+    model: PLVC | None,
+    intra: IntraCodec | None,
+    intra_overrides: dict[str, Any] | None,
+    device: str | None,
+) -> tuple[PLVC, IntraCodec | None]:
+    """The generator, and the intra codec of the bundle at ``weights`` unless the caller
+    gives one (``intra``, or intra weights through ``intra_overrides``)."""
     if model is not None:
-        return model
+        return model, intra
     if weights is None:
-        raise PLVCError("decode_video needs a model or a weights file")
-    from plvc.weights import load_weights
+        raise PLVCError("decoding needs a model or a codec bundle (weights file)")
+    from plvc.weights import load_codec, load_weights
 
-    loaded, _ = load_weights(weights, map_location=device or "cpu")
-    return loaded
+    own_intra = intra is not None or any(
+        key in (intra_overrides or {}) for key in ("weights", "weights_data", "allow_random_init")
+    )
+    if own_intra:
+        loaded, _ = load_weights(weights, map_location=device or "cpu")
+        return loaded, intra
+    bundle = load_codec(weights, device=device or "cpu")
+    return bundle.model, bundle.intra
 
 
 def iter_decode(
@@ -555,12 +613,8 @@ def iter_decode(
     device: str | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield decoded frames ``[3, H, W]`` one at a time (see :func:`decode_video`)."""
-    decoder = VideoDecoder(
-        data,
-        _load_model(weights, model, device),
-        intra=intra,
-        intra_overrides=intra_overrides,
-    )
+    model, intra = _load_codec(weights, model, intra, intra_overrides, device)
+    decoder = VideoDecoder(data, model, intra=intra, intra_overrides=intra_overrides)
     return iter(decoder)
 
 
@@ -575,9 +629,10 @@ def decode_video(
 ) -> torch.Tensor:
     """Decode a stream to float frames ``[T, 3, H, W]`` in [0, 1] (CPU).
 
-    The generator comes from ``model`` or a ``weights`` file; the intra codec is rebuilt
-    from the header's name and config (``intra_overrides`` replaces config keys, e.g. a
-    relocated weights path) unless ``intra`` is given.
+    The generator comes from ``model`` or a codec bundle (``weights``), the intra codec from
+    ``intra``, else the bundle, else the header's name and config updated by
+    ``intra_overrides`` (e.g. ``{"weights": path}`` of a separate intra weights file). The
+    intra codec's fingerprint must be the stream's.
     """
     frames = list(
         iter_decode(

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import io
 import json
 import math
 import os
@@ -593,18 +595,23 @@ def save_hific(
 
 
 def load_hific(
-    path: str | os.PathLike[str], device: str | torch.device = "cpu"
+    path: str | os.PathLike[str] | bytes, device: str | torch.device = "cpu"
 ) -> tuple[HiFiC, dict[str, Any]]:
-    """Read a :func:`save_hific` checkpoint: ``(model in eval mode, meta)``.
+    """Read a :func:`save_hific` checkpoint (a file, or its bytes as a codec bundle embeds
+    them): ``(model in eval mode, meta)``.
 
     Raises :class:`~plvc.errors.WeightsError` naming ``path`` when the file is missing,
     unreadable, not a PLVC HiFiC checkpoint, of a newer version, or does not fit its config.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"HiFiC weights file {path} does not exist")
+    if isinstance(path, bytes):
+        source: Any = io.BytesIO(path)
+        path = Path("<embedded HiFiC weights>")
+    else:
+        path = source = Path(path)
+        if not path.is_file():
+            raise WeightsError(f"HiFiC weights file {path} does not exist")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise WeightsError(f"cannot read HiFiC weights file {path}: {exc}") from exc
     if not isinstance(payload, dict) or payload.get("format") != HIFIC_CHECKPOINT_FORMAT:
@@ -719,11 +726,16 @@ class HiFiCIntraCodec:
     @property
     def trained(self) -> bool:
         """False for a randomly initialised model (smoke tests only)."""
-        return "weights" in self._config
+        return "weights_sha256" in self._config
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def to(self, device: str | torch.device) -> HiFiCIntraCodec:
+        """Move the model to ``device`` (the entropy parameters stay on the CPU copy)."""
+        self.model.to(device)
+        return self
 
     def _padded(self, image: Tensor) -> Tensor:
         if not isinstance(image, Tensor) or image.dim() != 3 or image.size(0) != 3:
@@ -775,6 +787,7 @@ class HiFiCIntraCodec:
 def hific_intra_codec(
     *,
     weights: str | os.PathLike[str] | None = None,
+    weights_data: bytes | None = None,
     weights_sha256: str | None = None,
     config: HiFiCConfig | Mapping[str, Any] | str | None = None,
     allow_random_init: bool = False,
@@ -786,7 +799,9 @@ def hific_intra_codec(
 
     ``weights``: a :func:`save_hific` checkpoint (the pipeline's
     ``paths.models/<q>/hific/hific.pt``, from ``train_hific@<q>`` or ``hific.pretrained.<q>``);
-    its config wins, and a different ``config`` is an error. ``weights_sha256`` (stored
+    its config wins, and a different ``config`` is an error. ``weights_data``: the same
+    file's bytes (a codec bundle's, :mod:`plvc.weights`); the codec's config then names
+    no file, only the digest. ``weights_sha256`` (stored
     in streams by :attr:`HiFiCIntraCodec.config`) rejects a different file. Without
     weights the call must say ``allow_random_init=True``: the model is then initialised
     from ``seed``, so encoder and decoder build the same untrained codec (smoke runs).
@@ -803,16 +818,17 @@ def hific_intra_codec(
         wanted = _resolve_config(config) if config is not None else None
     except ValueError as exc:
         raise IntraCodecError(f"hific: bad config: {exc}") from exc
-    if weights is not None and str(weights) != "":
-        path = Path(weights)
+    if weights_data is not None or (weights is not None and str(weights) != ""):
+        path: Path | bytes = Path(weights) if weights_data is None else bytes(weights_data)
+        where = "embedded weights" if isinstance(path, bytes) else f"{HIFIC_WEIGHTS_PARAM}{path}"
         try:
             model, _ = load_hific(path, device=device)
         except WeightsError as exc:
-            raise WeightsError(f"hific intra codec, {HIFIC_WEIGHTS_PARAM}{path}: {exc}") from exc
-        digest = file_sha256(path)
+            raise WeightsError(f"hific intra codec, {where}: {exc}") from exc
+        digest = hashlib.sha256(path).hexdigest() if isinstance(path, bytes) else file_sha256(path)
         if weights_sha256 is not None and digest != weights_sha256:
             raise WeightsError(
-                f"hific intra codec, {HIFIC_WEIGHTS_PARAM}{path}: SHA-256 {digest[:16]}..., "
+                f"hific intra codec, {where}: SHA-256 {digest[:16]}..., "
                 f"the stream was coded with {weights_sha256[:16]}...: a different file"
             )
         if wanted is not None and wanted != model.config:
@@ -821,7 +837,8 @@ def hific_intra_codec(
                 f"({model.config}); drop the config or use matching weights"
             )
         model.decode_threads = decode_threads
-        return HiFiCIntraCodec(model, {"weights": str(path), "weights_sha256": digest, **extra})
+        named = {} if isinstance(path, bytes) else {"weights": str(path)}
+        return HiFiCIntraCodec(model, {**named, "weights_sha256": digest, **extra})
     if not allow_random_init:
         raise IntraCodecError(
             "the 'hific' intra codec needs trained weights: pass "

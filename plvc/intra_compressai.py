@@ -21,6 +21,8 @@ context model with decoding and therefore run entirely on the CPU.
 from __future__ import annotations
 
 import copy
+import hashlib
+import io
 import math
 import warnings
 from pathlib import Path
@@ -84,6 +86,7 @@ class CompressAIIntraCodec:
         architecture: str = "bmshj2018-hyperprior",
         quality: int = 3,
         weights: str | None = None,
+        weights_data: bytes | None = None,
         weights_sha256: str | None = None,
         seed: int = 0,
         allow_random_init: bool = False,
@@ -96,15 +99,16 @@ class CompressAIIntraCodec:
             )
         self.architecture = architecture
         self.quality = int(quality)
-        if weights is None and not allow_random_init:
+        if weights is None and weights_data is None and not allow_random_init:
             raise IntraCodecError(
                 "the 'compressai' intra codec needs trained weights: set its 'weights' param "
                 "to a state-dict file, or pass allow_random_init=True to code with an "
                 "untrained, seeded model (tests and timing only)"
             )
         self.seed = int(seed)
-        self.weights = str(weights) if weights is not None else None
-        self.trained = weights is not None
+        # a bundle's embedded bytes name no file: the codec's config then carries the digest only
+        self.weights = str(weights) if weights is not None and weights_data is None else None
+        self.trained = weights is not None or weights_data is not None
         self._latent_stride = ARCHITECTURES[architecture]
         # random init drawn from a private generator state: reproducible in any process
         with torch.random.fork_rng(devices=[]):
@@ -115,7 +119,9 @@ class CompressAIIntraCodec:
                 raise IntraCodecError(
                     f"CompressAI {architecture}: invalid quality {quality} ({exc})"
                 ) from None
-        if weights is not None:
+        if weights_data is not None:
+            self.weights_sha256 = self._load_weights(bytes(weights_data), weights_sha256)
+        elif weights is not None:
             self.weights_sha256 = self._load_weights(Path(weights), weights_sha256)
         else:
             self.weights_sha256 = None
@@ -139,23 +145,29 @@ class CompressAIIntraCodec:
         }
         self.to(device)
 
-    def _load_weights(self, path: Path, expected_sha256: str | None) -> str:
-        if not path.is_file():
-            raise IntraCodecError(f"intra codec weights {str(path)!r} (param 'weights') not found")
-        digest = file_sha256(path)
+    def _load_weights(self, path: Path | bytes, expected_sha256: str | None) -> str:
+        """Load a state-dict file, or its bytes (a codec bundle's); returns its SHA-256."""
+        if isinstance(path, bytes):
+            name, source, digest = "(embedded)", io.BytesIO(path), hashlib.sha256(path).hexdigest()
+        else:
+            if not path.is_file():
+                raise IntraCodecError(
+                    f"intra codec weights {str(path)!r} (param 'weights') not found"
+                )
+            name, source, digest = repr(str(path)), path, file_sha256(path)
         if expected_sha256 is not None and digest != expected_sha256:
             raise IntraCodecError(
-                f"intra codec weights {str(path)!r} have SHA-256 {digest[:16]}..., the stream "
+                f"intra codec weights {name} have SHA-256 {digest[:16]}..., the stream "
                 f"was coded with {expected_sha256[:16]}...: a different file"
             )
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(source, map_location="cpu", weights_only=True)
             if isinstance(state, dict) and "state_dict" in state:
                 state = state["state_dict"]
             self.model.load_state_dict(_rename_pretrained_keys(state))
         except Exception as exc:  # torch raises many types for a bad file
             raise IntraCodecError(
-                f"intra codec weights {str(path)!r} do not load into CompressAI "
+                f"intra codec weights {name} do not load into CompressAI "
                 f"{self.architecture} quality {self.quality}: {exc}"
             ) from None
         return digest
@@ -167,8 +179,9 @@ class CompressAIIntraCodec:
         Unset options are left out: the config travels in every stream header.
         """
         config: dict[str, Any] = {"architecture": self.architecture, "quality": self.quality}
-        if self.weights is not None:
-            config["weights"] = self.weights
+        if self.trained:
+            if self.weights is not None:
+                config["weights"] = self.weights
             config["weights_sha256"] = self.weights_sha256
         else:
             config["allow_random_init"] = True

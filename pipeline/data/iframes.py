@@ -22,7 +22,6 @@ if TYPE_CHECKING:
 import json
 import logging
 import math
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -117,10 +116,7 @@ class IFrameCoder:
             self.codec = get_intra_codec("hific", weights=blob, **options)
             return
         # the weights travel through the object store: no shared file system needed
-        with tempfile.TemporaryDirectory(prefix="plvc-hific-") as tmp:
-            path = Path(tmp) / "hific.pt"
-            path.write_bytes(blob)
-            self.codec = get_intra_codec("hific", weights=path, **options)
+        self.codec = get_intra_codec("hific", weights_data=blob, **options)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 

@@ -187,6 +187,8 @@ def load_quality_models(
             spec = repr((meta.intra_name, sorted(meta.intra_config.items())))
             if spec not in by_spec:
                 config = dict(meta.intra_config)
+                if meta.intra_weights is not None:  # a codec bundle: decode through it
+                    config["weights_data"] = meta.intra_weights
                 if meta.intra_name == "hific":
                     config["device"] = device
                 try:

@@ -73,6 +73,10 @@ def iframe_intra_spec(iframe_root: Path) -> tuple[str, dict[str, Any]]:
     if not isinstance(codec, dict) or not isinstance(codec.get("name"), str):
         raise RunnerError(f"{manifest}: no 'codec' entry with a 'name'")
     config = {k: codec[k] for k in ("weights", "weights_sha256") if k in codec}
+    if "weights" in config:
+        # Ray Train workers run in their own working directory, and they read this file to
+        # embed it in the exported codec bundle
+        config["weights"] = str(Path(config["weights"]).resolve())
     return codec["name"], config
 
 

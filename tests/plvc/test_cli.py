@@ -83,7 +83,9 @@ def test_y4m_round_trip_from_the_command_line(setup: Setup) -> None:
     # another process wrote the same Y4M as this process's decode
     expected = setup.folder / "expected.y4m"
     with Y4MWriter(expected, Fraction(30000, 1001)) as writer:
-        for frame in tensor_to_frames(decode_video(stream.read_bytes(), setup.model)):
+        for frame in tensor_to_frames(
+            decode_video(stream.read_bytes(), setup.model, intra=setup.intra)
+        ):
             writer.write(frame)
     assert decoded_path.read_bytes() == expected.read_bytes()
 
@@ -104,7 +106,7 @@ def test_png_folder_round_trip_with_odd_size(
     decoded = run_cli("decode", stream, "-o", out, "--weights", setup.weights)
     assert decoded.returncode == 0, decoded.stderr
     assert sorted(p.name for p in out.iterdir()) == [f"frame_{i:05d}.png" for i in (1, 2, 3)]
-    expected = tensor_to_frames(decode_video(stream.read_bytes(), setup.model))
+    expected = tensor_to_frames(decode_video(stream.read_bytes(), setup.model, intra=setup.intra))
     np.testing.assert_array_equal(read_video(out).frames, expected)
 
 

@@ -13,7 +13,13 @@ import pytest
 import torch
 
 from plvc.bitstream import FrameRecord, decode_container, encode_container
-from plvc.codec import EncodeResult, decode_video, encode_video, model_fingerprint
+from plvc.codec import (
+    EncodeResult,
+    decode_video,
+    encode_video,
+    intra_fingerprint,
+    model_fingerprint,
+)
 from plvc.errors import BitstreamError, IntraCodecError, PLVCError, WeightsError
 from plvc.generator import PLVC, PLVCConfig
 from plvc.intra import get_intra_codec
@@ -85,7 +91,11 @@ def test_gop_structure_and_padding(coded: Coded) -> None:
     assert (header.width, header.height, header.frame_count) == (WIDTH, HEIGHT, FRAMES)
     assert (header.coded_width, header.coded_height) == (160, 112)
     assert all(r.shape == (7, 10) for r in records if r.frame_type.name == "P")
-    assert header.intra_name == "compressai" and header.intra_config == coded.intra.config
+    # the stream names the intra codec's architecture and fingerprint, never its file
+    assert header.intra_name == "compressai"
+    assert header.intra_config == {"architecture": "bmshj2018-hyperprior", "quality": 1}
+    digest = coded.intra.config["weights_sha256"]
+    assert header.intra_fingerprint == bytes.fromhex(digest)[:8] == intra_fingerprint(coded.intra)
     assert header.model_fingerprint == model_fingerprint(coded.model)
     assert coded.result.reconstruction is not None
     assert coded.result.reconstruction.shape == (FRAMES, 3, HEIGHT, WIDTH)
@@ -105,7 +115,7 @@ def test_rate_statistics(coded: Coded) -> None:
     _, records = decode_container(result.data)
     assert [s.payload_bytes for s in stats] == [r.payload_bytes for r in records]
     overhead = len(result.data) - sum(s.payload_bytes for s in stats)
-    assert 0 < overhead < 400  # header (intra config with weights path/hash) + framing
+    assert 0 < overhead < 200  # header (intra config and fingerprints) + framing
     assert result.bpp == pytest.approx(8 * len(result.data) / (FRAMES * WIDTH * HEIGHT))
     for s in stats:
         assert s.estimated_bits is not None and s.estimated_bits > 0
@@ -122,29 +132,41 @@ def test_decoder_uses_the_encoders_thread_count(coded: Coded) -> None:
     assert header.cpu_threads == 1
     torch.set_num_threads(2)
     try:
-        decoded = decode_video(coded.result.data, coded.model)
+        decoded = decode_video(coded.result.data, coded.model, intra=coded.intra)
         assert torch.get_num_threads() == 2  # restored afterwards
     finally:
         torch.set_num_threads(1)
     assert torch.equal(decoded, coded.result.reconstruction)
 
 
-def test_decode_in_another_process_is_bit_exact(coded: Coded) -> None:
-    stream = coded.folder / "clip.plvc"
-    stream.write_bytes(coded.result.data)
-    out = coded.folder / "decoded.pt"
+def test_bundle_alone_decodes_bit_exactly_in_another_process_and_folder(
+    coded: Coded, tmp_path: Path
+) -> None:
+    """Only the codec bundle and the stream are copied to another folder; the intra codec's
+    weights file is moved away meanwhile, so nothing but the bundle can serve."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "clip.plvc").write_bytes(coded.result.data)
+    (elsewhere / "bundle.pt").write_bytes(coded.weights.read_bytes())
+    intra_file = coded.folder / "intra.pt"
+    hidden = coded.folder / "intra.pt.hidden"
     script = (
-        "import sys, torch\n"
+        "import torch\n"
         "from plvc.codec import decode_video\n"
-        "data = open(sys.argv[1], 'rb').read()\n"
-        "torch.save(decode_video(data, weights=sys.argv[2]), sys.argv[3])\n"
+        "data = open('clip.plvc', 'rb').read()\n"
+        "torch.save(decode_video(data, weights='bundle.pt'), 'decoded.pt')\n"
     )
-    subprocess.run(
-        [sys.executable, "-W", "ignore", "-c", script, str(stream), str(coded.weights), str(out)],
-        check=True,
-        timeout=300,
-    )
-    assert torch.equal(torch.load(out), coded.result.reconstruction)
+    intra_file.rename(hidden)
+    try:
+        subprocess.run(
+            [sys.executable, "-W", "ignore", "-c", script],
+            check=True,
+            timeout=300,
+            cwd=elsewhere,
+        )
+    finally:
+        hidden.rename(intra_file)
+    assert torch.equal(torch.load(elsewhere / "decoded.pt"), coded.result.reconstruction)
 
 
 def test_other_inputs_code_identically(coded: Coded) -> None:
@@ -165,7 +187,9 @@ def test_single_i_frame_and_all_intra(coded: Coded) -> None:
         coded.frames[:2], coded.model, coded.intra, gop=1, return_reconstruction=True
     )
     assert [s.frame_type for s in intra_only.frame_stats] == ["I", "I"]
-    assert torch.equal(decode_video(intra_only.data, coded.model), intra_only.reconstruction)
+    assert torch.equal(
+        decode_video(intra_only.data, coded.model, intra=coded.intra), intra_only.reconstruction
+    )
 
 
 def test_decoding_with_other_weights_fails_clearly(coded: Coded) -> None:
@@ -176,22 +200,30 @@ def test_decoding_with_other_weights_fails_clearly(coded: Coded) -> None:
         decode_video(coded.result.data, other)
 
 
-def test_intra_codec_mismatch_and_relocated_weights(coded: Coded, tmp_path: Path) -> None:
+def test_intra_codec_mismatch_and_separate_weights(coded: Coded, tmp_path: Path) -> None:
     class OtherCodec:
         name, stride, config = "other", 1, {}
 
     with pytest.raises(IntraCodecError, match="needs intra codec 'compressai', got 'other'"):
         decode_video(coded.result.data, coded.model, intra=OtherCodec())  # type: ignore[arg-type]
+    # a stream never names a file: without the bundle, the intra weights are the caller's
+    with pytest.raises(IntraCodecError, match="a stream never names a file"):
+        decode_video(coded.result.data, coded.model)
     moved = tmp_path / "moved.pt"
-    moved.write_bytes(Path(coded.intra.config["weights"]).read_bytes())
+    moved.write_bytes((coded.folder / "intra.pt").read_bytes())
     decoded = decode_video(
         coded.result.data,
         coded.model,
         intra_overrides={"weights": str(moved)},
     )
     assert torch.equal(decoded, coded.result.reconstruction)
+    # other valid weights of the same architecture: refused by the intra fingerprint
+    other = get_intra_codec("compressai", quality=1, seed=5, allow_random_init=True)
+    torch.save(other.model.state_dict(), moved)
+    with pytest.raises(IntraCodecError, match="another 'compressai' intra codec"):
+        decode_video(coded.result.data, coded.model, intra_overrides={"weights": str(moved)})
     moved.write_bytes(b"other")
-    with pytest.raises(IntraCodecError, match="a different file"):
+    with pytest.raises(IntraCodecError, match="do not load"):
         decode_video(coded.result.data, coded.model, intra_overrides={"weights": str(moved)})
 
 
@@ -206,7 +238,7 @@ def test_damaged_p_frame_strings_raise_or_decode(coded: Coded) -> None:
         data = encode_container(header, forged)
         assert data != coded.result.data
         try:
-            frames = decode_video(data, coded.model)
+            frames = decode_video(data, coded.model, intra=coded.intra)
         except BitstreamError:
             continue
         assert frames.shape == (FRAMES, 3, HEIGHT, WIDTH)
@@ -227,7 +259,7 @@ def test_forged_latent_size_fails_before_any_allocation(coded: Coded) -> None:
         tracemalloc.start()
         try:
             with pytest.raises(BitstreamError, match=r"frame 2: latent size .* does not match"):
-                decode_video(data, coded.model)
+                decode_video(data, coded.model, intra=coded.intra)
             peak = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
@@ -245,36 +277,66 @@ def test_forged_intra_payload_size_fails_before_decoding(coded: Coded) -> None:
     big = [4 * h, 4 * w, 4 * sh, 4 * sw]
     forged = [FrameRecord(records[0].frame_type, (pack_fields(big, strings),)), *records[1:]]
     with pytest.raises(BitstreamError, match=rf"frame 0: .*declares a {4 * w}x{4 * h} image"):
-        decode_video(encode_container(header, forged), coded.model)
+        decode_video(encode_container(header, forged), coded.model, intra=coded.intra)
 
 
-def test_stream_cannot_ask_for_a_random_or_unchecked_intra_codec(coded: Coded) -> None:
-    """The stream's intra config is data: a forged ``allow_random_init`` or a weights path
-    without its SHA-256 is refused unless the caller says so explicitly."""
+def test_stream_cannot_ask_for_a_random_intra_codec_or_name_a_file(coded: Coded) -> None:
+    """The stream's intra config is data: a forged ``allow_random_init`` is refused unless
+    the caller says so explicitly, and a config that names a file is not a valid stream."""
     import dataclasses
 
     header, records = decode_container(coded.result.data)
-    stream_config = dict(header.intra_config)
-    assert stream_config["weights_sha256"]  # what an encoder writes
+    random = {**header.intra_config, "allow_random_init": True, "seed": 0}
+    forged = dataclasses.replace(header, intra_config=random, intra_fingerprint=bytes(8))
+    data = encode_container(forged, records)
+    with pytest.raises(IntraCodecError, match="randomly initialised intra codec"):
+        decode_video(data, coded.model)
+    decoded = decode_video(data, coded.model, intra_overrides={"allow_random_init": True})
+    assert decoded.shape == (FRAMES, 3, HEIGHT, WIDTH)
+    # the bundle's trained intra codec is not the stream's untrained one
+    with pytest.raises(IntraCodecError, match="another 'compressai' intra codec"):
+        decode_video(data, weights=coded.weights)
+    for key in ("weights", "weights_sha256"):
+        named = dataclasses.replace(header, intra_config={**header.intra_config, key: "x"})
+        with pytest.raises(BitstreamError, match="never a file"):
+            encode_container(named, records)
 
-    random = {k: v for k, v in stream_config.items() if k not in ("weights", "weights_sha256")}
-    random |= {"allow_random_init": True, "seed": 0}
-    unchecked = {k: v for k, v in stream_config.items() if k != "weights_sha256"}
-    for config, match, consent in (
-        (random, "randomly initialised intra codec", {"allow_random_init": True}),
-        (unchecked, "without their SHA-256", {"weights": stream_config["weights"]}),
-    ):
-        data = encode_container(dataclasses.replace(header, intra_config=config), records)
-        with pytest.raises(IntraCodecError, match=match):
-            decode_video(data, coded.model)
-        decoded = decode_video(data, coded.model, intra_overrides=consent)
-        assert decoded.shape == (FRAMES, 3, HEIGHT, WIDTH)
-    # with the encoder's own weights named explicitly, the stream decodes exactly
-    data = encode_container(dataclasses.replace(header, intra_config=unchecked), records)
-    decoded = decode_video(
-        data, coded.model, intra_overrides={"weights": str(coded.weights.parent / "intra.pt")}
+
+def test_format_1_streams_still_decode(coded: Coded) -> None:
+    """A version-1 header (no intra fingerprint field; the intra weights named by path and
+    SHA-256) decodes through the bundle; its path is never followed."""
+    import json
+    import struct
+    import zlib
+
+    header, _ = decode_container(coded.result.data)
+    body_start = 7
+    (body_len,) = struct.unpack_from("<H", coded.result.data, 5)
+    records = coded.result.data[body_start + body_len + 4 :]
+    digest = coded.intra.config["weights_sha256"]
+    config = {**header.intra_config, "weights": "/nowhere/intra.pt", "weights_sha256": digest}
+    fps = header.fps or (0, 0)
+    body = struct.pack(
+        "<IIIiHHII8s",
+        header.width,
+        header.height,
+        header.frame_count,
+        header.gop,
+        header.pad_multiple,
+        header.cpu_threads,
+        *fps,
+        header.model_fingerprint,
     )
-    assert torch.equal(decoded, coded.result.reconstruction)
+    for text, size in ((header.quality, "<B"), (header.intra_name, "<B")):
+        body += struct.pack(size, len(text)) + text.encode()
+    raw = json.dumps(config).encode()
+    body += struct.pack("<H", len(raw)) + raw
+    head = b"PLVC" + bytes([1]) + struct.pack("<H", len(body)) + body
+    v1 = head + struct.pack("<I", zlib.crc32(head)) + records
+    old_header, _ = decode_container(v1)
+    assert old_header.version == 1 and old_header.intra_fingerprint == header.intra_fingerprint
+    assert "weights" not in old_header.intra_config
+    assert torch.equal(decode_video(v1, weights=coded.weights), coded.result.reconstruction)
 
 
 def test_bad_input_frames(coded: Coded) -> None:

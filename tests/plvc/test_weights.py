@@ -10,7 +10,13 @@ import torch
 from plvc.codec import model_fingerprint
 from plvc.errors import WeightsError
 from plvc.generator import PLVC, PLVCConfig
-from plvc.weights import WEIGHTS_FORMAT, WEIGHTS_VERSION, load_weights, save_weights
+from plvc.weights import (
+    WEIGHTS_FORMAT,
+    WEIGHTS_VERSION,
+    load_codec,
+    load_weights,
+    save_weights,
+)
 
 INTRA = {"architecture": "bmshj2018-hyperprior", "quality": 1, "allow_random_init": True}
 
@@ -58,6 +64,7 @@ def test_content_is_plain_and_weights_only_loadable(saved: Path) -> None:
         "version",
         "config",
         "state_dict",
+        "fingerprint",
         "intra",
         "quality",
         "extra",
@@ -96,7 +103,7 @@ def _tamper(path: Path, **changes: object) -> None:
     ("change", "message"),
     [
         ({"format": "something-else"}, "not a PLVC weights file"),
-        ({"version": 99}, "weights format version 99, this build reads 1"),
+        ({"version": 99}, "weights format version 99, this build reads 1, 2"),
         ({"config": {"channels": 16, "colour": 1}}, r"invalid model config: .*colour"),
         ({"config": {**PLVCConfig.tiny().to_dict(), "channels": 32}}, "does not fit the model"),
         ({"intra": {"name": 3}}, "'intra' entry"),
@@ -124,3 +131,125 @@ def test_missing_corrupt_and_foreign_files(tmp_path: Path, saved: Path) -> None:
     torch.save({"format": WEIGHTS_FORMAT, "obj": object()}, pickled)
     with pytest.raises(WeightsError, match=r"pickled\.pt: cannot read weights file"):
         load_weights(pickled)  # weights_only=True refuses arbitrary pickles
+
+
+# --------------------------------------------------------------------------- codec bundles
+
+
+@pytest.fixture()
+def intra_file(tmp_path: Path) -> Path:
+    """A CompressAI intra codec's weights file, as a trained one would be."""
+    from plvc.intra import get_intra_codec
+
+    source = get_intra_codec("compressai", quality=1, seed=3, allow_random_init=True)
+    path = tmp_path / "intra_weights" / "intra.pt"
+    path.parent.mkdir()
+    torch.save(source.model.state_dict(), path)
+    return path
+
+
+def _bundle(tmp_path: Path, model: PLVC, intra_file: Path) -> Path:
+    from plvc.weights import file_sha256
+
+    path = tmp_path / "bundle.pt"
+    config = {
+        "architecture": "bmshj2018-hyperprior",
+        "quality": 1,
+        "weights": str(intra_file),
+        "weights_sha256": file_sha256(intra_file),
+    }
+    save_weights(path, model, intra_name="compressai", intra_config=config, quality="low")
+    return path
+
+
+def test_bundle_embeds_the_intra_weights_and_names_no_file(
+    tmp_path: Path, tiny_model: PLVC, intra_file: Path
+) -> None:
+    from plvc.weights import file_sha256
+
+    bundle_path = _bundle(tmp_path, tiny_model, intra_file)
+    digest = file_sha256(intra_file)
+    payload = torch.load(bundle_path, weights_only=True)
+    assert payload["intra"]["config"] == {
+        "architecture": "bmshj2018-hyperprior",
+        "quality": 1,
+        "weights_sha256": digest,
+    }
+    assert payload["fingerprint"] == model_fingerprint(tiny_model).hex()
+    from plvc.intra import get_intra_codec
+
+    from_file = get_intra_codec("compressai", quality=1, weights=str(intra_file))
+    image = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))
+    intra_file.unlink()  # the bundle alone must do
+    bundle = load_codec(bundle_path)
+    assert bundle.intra.config["weights_sha256"] == digest and "weights" not in bundle.intra.config
+    # the embedded weights are the file's: the same image codes to the same bytes
+    assert bundle.intra.encode(image) == from_file.encode(image)
+    assert model_fingerprint(bundle.model) == model_fingerprint(tiny_model)
+
+
+def test_bundle_refuses_the_wrong_or_damaged_intra_weights(
+    tmp_path: Path, tiny_model: PLVC, intra_file: Path
+) -> None:
+    with pytest.raises(WeightsError, match=r"intra config says .*a different file"):
+        save_weights(
+            tmp_path / "x.pt",
+            tiny_model,
+            intra_name="compressai",
+            intra_config={"weights": str(intra_file), "weights_sha256": "0" * 64},
+            quality="low",
+        )
+    assert not (tmp_path / "x.pt").exists()
+    bundle_path = _bundle(tmp_path, tiny_model, intra_file)
+    payload = torch.load(bundle_path, weights_only=True)
+    payload["intra"]["weights"][100] ^= 0xFF
+    torch.save(payload, bundle_path)
+    with pytest.raises(WeightsError, match=r"bundle\.pt: the embedded intra weights .* damaged"):
+        load_codec(bundle_path)
+
+
+def test_format_1_files_need_their_intra_weights_given_explicitly(
+    tmp_path: Path, tiny_model: PLVC, intra_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A format-1 generator file named its intra weights by path: that path is never
+    followed; the file is given explicitly, or ``plvc bundle`` converts the pair."""
+    from plvc.cli import main
+    from plvc.weights import file_sha256
+
+    old = tmp_path / "old.pt"
+    tiny_model.update(force=True)
+    torch.save(
+        {
+            "format": WEIGHTS_FORMAT,
+            "version": 1,
+            "config": tiny_model.config.to_dict(),
+            "state_dict": tiny_model.state_dict(),
+            "intra": {
+                "name": "compressai",
+                "config": {
+                    "architecture": "bmshj2018-hyperprior",
+                    "quality": 1,
+                    "weights": str(intra_file),
+                    "weights_sha256": file_sha256(intra_file),
+                },
+            },
+            "quality": "low",
+            "extra": {},
+        },
+        old,
+    )
+    with pytest.raises(WeightsError, match=r"old\.pt: a format-1 weights file .*intra\.pt"):
+        load_codec(old)
+    explicit = load_codec(old, intra_weights=intra_file)
+    assert explicit.intra.config["weights_sha256"] == file_sha256(intra_file)
+
+    converted = tmp_path / "converted.pt"
+    assert main(["bundle", str(old), "-o", str(converted)]) == 2
+    assert "pass --intra-weights FILE" in capsys.readouterr().err
+    assert main(["bundle", str(old), "--intra-weights", str(intra_file), "-o", str(converted)]) == 0
+    assert "embedded weights" in capsys.readouterr().out
+    intra_file.unlink()
+    bundle = load_codec(converted)
+    assert bundle.meta.version == WEIGHTS_VERSION
+    assert model_fingerprint(bundle.model) == model_fingerprint(explicit.model)
+    assert bundle.intra.config["weights_sha256"] == explicit.intra.config["weights_sha256"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -113,7 +114,11 @@ def test_train_multi_p_stage_trains_exports_and_reports(sample_with_iframes: Pat
 
     _, meta = load_weights(models / "multi_p" / "generator.pt")
     assert meta.quality == "low" and meta.intra_name == "hific"
-    assert meta.intra_config["weights"].endswith("hific.pt")  # the I-frames' codec
+    # a codec bundle: the I-frames' codec embedded, byte for byte, and no path
+    manifest = json.loads((params.paths.iframes / "low" / "manifest.json").read_text())
+    assert "weights" not in meta.intra_config and meta.intra_weights is not None
+    digest = hashlib.sha256(meta.intra_weights).hexdigest()
+    assert digest == meta.intra_config["weights_sha256"] == manifest["codec"]["weights_sha256"]
     assert meta.extra["num_pframes"] == 2 and meta.extra["lmbda"] == 256.0
     result = json.loads((models / "multi_p" / "result.json").read_text())
     assert result["steps"] == TRAIN_STEPS and result["world_size"] == 2

@@ -166,13 +166,12 @@ def test_bpp_is_the_real_stream_size(setup: dict[str, Any], evaluated: dict[str,
     those streams decoded by a fresh decoder."""
     from pipeline.eval.metrics import psnr
     from plvc.codec import decode_video, encode_video
-    from plvc.intra import get_intra_codec
-    from plvc.weights import load_weights
+    from plvc.weights import load_codec
 
     result = evaluated["result"]
     summary = result.methods[phase_method("gan")]
-    model, meta = load_weights(setup["models_dir"] / "low" / "gan" / "generator.pt")
-    intra = get_intra_codec(meta.intra_name, **meta.intra_config)
+    bundle = load_codec(setup["models_dir"] / "low" / "gan" / "generator.pt")
+    model, intra = bundle.model, bundle.intra
     rows = read_csv(evaluated["files"]["frames"])
     total_bytes = 0
     pixels = 0
