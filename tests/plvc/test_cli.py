@@ -8,6 +8,7 @@ import sys
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -204,3 +205,79 @@ def test_png_writer_keeps_frames_of_an_interrupted_decode(tmp_path: Path) -> Non
     writer = PngFolderWriter(tmp_path / "out")
     writer.write(np.zeros((4, 4, 3), np.uint8))
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["frame_00001.png"]
+
+
+def _truncated_y4m(folder: Path, frames: np.ndarray) -> Path:
+    """Two whole frames, then half of the third: the encoder has coded frames when it fails."""
+    path = folder / "truncated.y4m"
+    write_video(path, frames[:3, :16, :16])
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 16 * 16 // 2])
+    return path
+
+
+def _yuv_not_a_frame_multiple(folder: Path, frames: np.ndarray) -> Path:
+    path = folder / "ragged.yuv"
+    path.write_bytes(bytes(16 * 16 * 3 // 2 * 2 + 100))
+    return path
+
+
+def _png_folder(folder: Path, frames: np.ndarray, last: bytes | np.ndarray) -> Path:
+    import cv2
+
+    out = folder / ("pngs_bad" if isinstance(last, bytes) else "pngs_sized")
+    write_video(out, frames[:2, :16, :16])
+    target = out / "frame_00003.png"
+    if isinstance(last, bytes):
+        target.write_bytes(last)
+    else:
+        cv2.imwrite(str(target), last)
+    return out
+
+
+def _odd_y4m(folder: Path, frames: np.ndarray) -> Path:
+    path = folder / "odd.y4m"
+    path.write_bytes(b"YUV4MPEG2 W15 H16 F25:1 C420jpeg\nFRAME\n" + bytes(15 * 16 * 2))
+    return path
+
+
+def _junk_mp4(folder: Path, frames: np.ndarray) -> Path:
+    path = folder / "junk.mp4"
+    path.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(200))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make_input", "size", "message"),
+    [
+        (_truncated_y4m, None, r"truncated\.y4m: .*frame 2 is truncated"),
+        (_yuv_not_a_frame_multiple, "16x16", r"ragged\.yuv: .*not a multiple"),
+        (lambda f, v: _png_folder(f, v, b"not a png"), None, r"frame_00003\.png: not a readable"),
+        (
+            lambda f, v: _png_folder(f, v, np.zeros((8, 16, 3), np.uint8)),
+            None,
+            r"frame_00003\.png: size 16x8 differs",
+        ),
+        (_odd_y4m, None, r"odd\.y4m: .*even width and height"),
+        (_junk_mp4, None, r"junk\.mp4: "),
+    ],
+)
+def test_bad_encode_inputs_exit_2_and_write_nothing(
+    setup: Setup,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    make_input: Any,
+    size: str | None,
+    message: str,
+) -> None:
+    """`plvc encode` on broken input: one line naming the file and the problem, exit 2, and
+    no file at the output path (the stream is written only once it is whole)."""
+    import re
+
+    source = make_input(tmp_path, setup.frames)
+    out = tmp_path / "out.plvc"
+    args = ["encode", str(source), "-o", str(out), "--weights", str(setup.weights)]
+    assert main([*args, *(["--size", size] if size else [])]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and err.count("\n") == 1, err
+    assert not out.exists() and list(tmp_path.glob("out.plvc*")) == []
