@@ -8,7 +8,10 @@ Every stage wraps its work in :func:`stage_run`. The run is tagged with
 - ``plvc.dvc_stage`` (``DVC_STAGE``, e.g. ``train_gan@low``) and ``plvc.dvc_exp_name``,
 
 and is nested under a parent run of that pipeline id, so the MLflow UI shows one pipeline
-run with its stages beneath it.
+run with its stages beneath it. ``evaluate_report`` puts the pipeline's summary on that parent
+(:func:`log_pipeline_summary`: RD points, BD-rates, the figures, the params an experiment
+changed), so selecting two parents and pressing Compare compares two experiments. The
+experiment is tagged as model development, so the UI opens it as a runs table.
 
 The store is ``MLFLOW_TRACKING_URI`` when set, else ``tracking.uri`` from params, else MLflow
 3's own default, ``sqlite:///mlflow.db`` in the repository root. A remote server that does
@@ -21,15 +24,19 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import subprocess
 import tempfile
+import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import requests
+import yaml
+from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import Params, flatten
@@ -40,6 +47,9 @@ __all__ = [
     "TrackingUnavailableError",
     "configure_tracking",
     "log_json_artifact",
+    "log_pipeline_summary",
+    "metric_key",
+    "params_changed_since_commit",
     "pipeline_id",
     "repo_root",
     "resolve_tracking_uri",
@@ -48,6 +58,8 @@ __all__ = [
 
 PIPELINE_ID_ENV = "PLVC_PIPELINE_ID"
 _TAG = "plvc."
+# MLflow 3's UI opens an experiment without this tag as GenAI (traces), not as a runs table
+_EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 # mlflow.set_tracking_uri() also writes MLFLOW_TRACKING_URI into the environment; remember
 # what we set so a later stage in the same process is not redirected by our own value
 _uri_we_set: str | None = None
@@ -120,7 +132,9 @@ def configure_tracking(params: Params | None = None) -> str:
             # pin artifacts beside the sqlite file; MLflow's default is relative to the cwd
             location = Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts"
             mlflow.create_experiment(experiment, artifact_location=location.as_uri())
-        mlflow.set_experiment(experiment)
+        found = mlflow.set_experiment(experiment)
+        if found.tags.get(_EXPERIMENT_KIND[0]) is None:
+            MlflowClient().set_experiment_tag(found.experiment_id, *_EXPERIMENT_KIND)
     except Exception as exc:  # mlflow raises many types; the message is what matters
         raise TrackingUnavailableError(
             f"MLflow store {uri}: cannot open experiment {experiment!r}: {exc}"
@@ -250,3 +264,73 @@ def log_json_artifact(obj: Any, name: str, artifact_path: str | None = None) -> 
         path = Path(tmp) / name
         path.write_text(json.dumps(obj, indent=2, default=str))
         mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+def metric_key(*parts: str) -> str:
+    """An MLflow metric name from parts: ``/``-joined, characters MLflow refuses (``=``,
+    ``@``, ...) replaced by ``_``."""
+    return "/".join(re.sub(r"[^\w\-. ]", "_", str(part)) for part in parts)
+
+
+def params_changed_since_commit(params_file: str | os.PathLike[str]) -> dict[str, str]:
+    """Flattened params whose value in ``params_file`` differs from the committed file (what
+    ``dvc exp run -S`` changed); ``{}`` outside git or for a file git does not track."""
+    path = Path(params_file).resolve()
+    root = repo_root().resolve()
+    try:
+        rel = path.relative_to(root)
+    except ValueError:
+        return {}
+    committed = _git("show", f"HEAD:{rel.as_posix()}")
+    if committed is None:
+        return {}
+    try:
+        before = flatten(yaml.safe_load(committed) or {})
+        after = flatten(yaml.safe_load(path.read_text()) or {})
+    except (yaml.YAMLError, OSError, AttributeError):
+        return {}
+    changed = {}
+    for key in sorted(set(before) | set(after)):
+        if before.get(key, "<absent>") != after.get(key, "<absent>"):
+            value = after.get(key, "<removed>")
+            changed[key] = value if isinstance(value, str) else json.dumps(value)
+    return changed
+
+
+def log_pipeline_summary(
+    metrics: Mapping[str, float],
+    artifacts: Sequence[tuple[str | os.PathLike[str], str | None]] = (),
+    params: Mapping[str, str] | None = None,
+) -> str:
+    """Log the pipeline's summary on the parent run of the active stage run; returns its id.
+
+    ``artifacts``: ``(file, artifact folder or None)``. Params are write-once in MLflow: a
+    key already logged with another value keeps its first value (noted on stdout). The
+    parent's end time moves to now, so its duration spans the pipeline.
+    """
+    active = mlflow.active_run()
+    if active is None:
+        raise TrackingUnavailableError("log_pipeline_summary needs an active stage run")
+    parent = active.data.tags.get("mlflow.parentRunId")
+    if parent is None:
+        raise TrackingUnavailableError(f"stage run {active.info.run_id} has no parent run")
+    client = MlflowClient()
+    now = int(time.time() * 1000)
+    batch = [Metric(key, float(value), now, 0) for key, value in metrics.items()]
+    for start in range(0, len(batch), 1000):  # MLflow's batch limit
+        client.log_batch(parent, metrics=batch[start : start + 1000])
+    existing = client.get_run(parent).data.params
+    fresh = [
+        Param(key, str(value)[:6000])
+        for key, value in (params or {}).items()
+        if key not in existing
+    ]
+    kept = [key for key, value in (params or {}).items() if existing.get(key, value) != value]
+    if kept:
+        print(f"note: parent run {parent} keeps its first value of {', '.join(kept)}", flush=True)
+    for start in range(0, len(fresh), 100):
+        client.log_batch(parent, params=fresh[start : start + 100])
+    for file, folder in artifacts:
+        client.log_artifact(parent, str(file), artifact_path=folder)
+    client.set_terminated(parent, "FINISHED", end_time=now)
+    return parent

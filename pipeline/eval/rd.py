@@ -42,6 +42,7 @@ __all__ = [
     "bd_quality",
     "bd_rate",
     "bd_rate_table",
+    "bd_rates",
     "curves",
     "higher_is_better",
     "plot_rd",
@@ -248,6 +249,44 @@ def _metric_key(points: Sequence[RDPoint], metric: str) -> str | None:
     return None
 
 
+def bd_rates(
+    points: Iterable[RDPoint],
+    reference: str,
+    metrics: Sequence[str] = PLOT_METRICS,
+    method: Literal["pchip", "cubic"] = "pchip",
+) -> dict[str, dict[str, float | str]]:
+    """Every method's BD-rate (%) against ``reference`` per metric key: ``{method: {key:
+    value}}``, where a value that cannot be computed is the reason (a string)."""
+    by_method = curves(points)
+    if reference not in by_method:
+        raise BDRateError(
+            f"reference method {reference!r} has no points; methods: {sorted(by_method)}"
+        )
+    ref = by_method[reference]
+    keys = [_metric_key(ref, m) or m for m in metrics]
+    table: dict[str, dict[str, float | str]] = {}
+    for name, pts in by_method.items():
+        if name == reference:
+            continue
+        row: dict[str, float | str] = {}
+        for key in keys:
+            try:
+                if _metric_key(ref, key) is None or _metric_key(pts, key) is None:
+                    raise BDRateError("metric missing")
+                row[key] = bd_rate(
+                    [p.bpp for p in ref],
+                    [p.metrics[key] for p in ref],
+                    [p.bpp for p in pts],
+                    [p.metrics[key] for p in pts],
+                    higher_better=higher_is_better(key),
+                    method=method,
+                )
+            except BDRateError as exc:
+                row[key] = _short(exc)
+        table[name] = row
+    return table
+
+
 def bd_rate_table(
     points: Iterable[RDPoint],
     reference: str,
@@ -259,12 +298,8 @@ def bd_rate_table(
     Cells that cannot be computed say why ("n/a: ..."); a column computed with a random
     backbone is headed as such.
     """
-    by_method = curves(points)
-    if reference not in by_method:
-        raise BDRateError(
-            f"reference method {reference!r} has no points; methods: {sorted(by_method)}"
-        )
-    ref = by_method[reference]
+    table = bd_rates(points, reference, metrics, method)
+    ref = curves(points)[reference]
     keys = [_metric_key(ref, m) or m for m in metrics]
     header = "| method | " + " | ".join(f"BD-rate {k}" for k in keys) + " |"
     lines = [
@@ -273,25 +308,11 @@ def bd_rate_table(
         header,
         "|---|" + "---:|" * len(keys),
     ]
-    for name, pts in by_method.items():
-        if name == reference:
-            continue
-        cells = []
-        for key in keys:
-            try:
-                if _metric_key(ref, key) is None or _metric_key(pts, key) is None:
-                    raise BDRateError("metric missing")
-                value = bd_rate(
-                    [p.bpp for p in ref],
-                    [p.metrics[key] for p in ref],
-                    [p.bpp for p in pts],
-                    [p.metrics[key] for p in pts],
-                    higher_better=higher_is_better(key),
-                    method=method,
-                )
-                cells.append(f"{value:+.1f} %")
-            except BDRateError as exc:
-                cells.append(f"n/a: {_short(exc)}")
+    for name, row in table.items():
+        cells = [
+            f"{value:+.1f} %" if isinstance(value, float) else f"n/a: {value}"
+            for value in (row[key] for key in keys)
+        ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

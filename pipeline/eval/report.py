@@ -19,6 +19,7 @@ from pipeline.eval.rd import (
     BDRateError,
     RDPoint,
     bd_rate_table,
+    bd_rates,
     curves,
     plot_rd_all,
     read_points_json,
@@ -30,11 +31,12 @@ __all__ = [
     "BD_METRICS",
     "ReportResult",
     "build_report",
+    "summary_metrics",
 ]
 
 
-#: the BD-rate table's metrics (perception and fidelity)
-BD_METRICS = ("lpips", "vmaf_neg", "psnr_rgb")
+#: the BD-rate tables' metrics (fidelity, then perception), where measured
+BD_METRICS = ("psnr_rgb", "ms_ssim", "vmaf", "vmaf_neg", "xpsnr", "lpips")
 
 
 _REPORT_METRICS = (*PLOT_METRICS, "psnr_y", "tdiff_mae", "tlp")
@@ -73,6 +75,10 @@ class ReportResult:
     files: dict[str, Path]
     warnings: list[str]
     missing: list[str]
+    anchors: list[str]
+    """The baselines' methods, the reference first."""
+    bd_rates: dict[str, dict[str, dict[str, float | str]]]
+    """``{anchor: {method: {metric key: BD-rate % or why not}}}``."""
 
 
 def _metric_present(points: Sequence[RDPoint], metric: str) -> str | None:
@@ -126,12 +132,16 @@ def build_report(
     points: list[RDPoint] = []
     missing: list[str] = []
     docs: dict[str, dict[str, Any]] = {}
+    anchors: list[str] = []
     for name in [*qualities, "baselines"]:
         path = reports / name / "points.json"
         if not path.is_file():
             missing.append(str(path))
             continue
-        points.extend(read_points_json(path))
+        read = read_points_json(path)
+        points.extend(read)
+        if name == "baselines":
+            anchors = list(dict.fromkeys(p.method for p in read))
         doc = _read_metrics_doc(reports / name / "metrics.json")
         if doc is not None:
             docs[name] = doc
@@ -181,20 +191,24 @@ def build_report(
     if notes:
         lines.append("")
 
-    lines += [f"## BD-rate against {reference}", ""]
     by_method = curves(points)
+    anchors = sorted(anchors, key=lambda a: a != reference)
     present = {m: _metric_present(points, m) for m in bd_metrics}
     measured = [key for key in present.values() if key]
+    tables: dict[str, dict[str, dict[str, float | str]]] = {}
+    lines += ["## BD-rate against each anchor", ""]
     if reference not in by_method:
-        lines.append(
-            f"n/a: no {reference} points (run `evaluate_baselines` with a {reference} entry "
-            "in `evaluate.baselines`)."
-        )
-    elif measured:
+        lines += [
+            f"n/a against {reference}: no {reference} points (run `evaluate_baselines` with a "
+            f"{reference} entry in `evaluate.baselines`).",
+            "",
+        ]
+    for anchor in anchors if measured else []:
         try:
-            lines.append(bd_rate_table(points, reference, metrics=measured))
+            tables[anchor] = bd_rates(points, anchor, metrics=measured)
+            lines.append(bd_rate_table(points, anchor, metrics=measured))
         except BDRateError as exc:
-            lines.append(f"n/a: {exc}")
+            lines += [f"n/a against {anchor}: {exc}", ""]
     for metric, key in present.items():
         if key is None:
             why = _WHY_ABSENT.get(metric, "not in `evaluate.metrics`")
@@ -242,4 +256,23 @@ def build_report(
     lines.append("")
     write_bytes_atomic(summary_file, "\n".join(lines).encode())
     files["summary"] = summary_file
-    return ReportResult(points, plots, summary_file, files, notes, missing)
+    return ReportResult(points, plots, summary_file, files, notes, missing, anchors, tables)
+
+
+def summary_metrics(report: ReportResult) -> dict[tuple[str, ...], float]:
+    """The report as flat numbers for a run's metrics: ``(method, point, key) -> value`` for
+    every RD point (``bpp`` and each metric) and ``("bd_rate", method, "vs_<anchor>", key)``
+    for every BD-rate that could be computed. Keys are tuples of parts; the caller joins them
+    into its store's metric names."""
+    out: dict[tuple[str, ...], float] = {}
+    for p in report.points:
+        out[(p.method, p.point, "bpp")] = float(p.bpp)
+        for key, value in p.metrics.items():
+            if isinstance(value, int | float) and math.isfinite(value):
+                out[(p.method, p.point, key)] = float(value)
+    for anchor, table in report.bd_rates.items():
+        for method, row in table.items():
+            for key, value in row.items():
+                if isinstance(value, float) and math.isfinite(value):
+                    out[("bd_rate", method, f"vs_{anchor}", key)] = value
+    return out

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -12,6 +13,9 @@ from pipeline.config import Params, TrackingConfig
 from pipeline.tracking import (
     TrackingUnavailableError,
     log_json_artifact,
+    log_pipeline_summary,
+    metric_key,
+    params_changed_since_commit,
     pipeline_id,
     stage_run,
 )
@@ -102,3 +106,57 @@ def test_second_stage_in_one_process_uses_its_own_store(tmp_path: Path, monkeypa
     with stage_run("shard", second) as run:
         run_id = run.info.run_id
     assert MlflowClient(tracking_uri=second.tracking.uri).get_run(run_id).info.run_id == run_id
+
+
+def test_pipeline_summary_lands_on_the_parent_run(
+    params: Params, monkeypatch, tmp_path: Path
+) -> None:
+    """What the MLflow UI compares: the parent run of each pipeline carries the summary, and
+    the experiment opens as a runs table (model development), not as GenAI traces."""
+    monkeypatch.setenv("PLVC_PIPELINE_ID", "pipe-summary")
+    summary = tmp_path / "summary.md"
+    summary.write_text("# report")
+    figure = tmp_path / "rd_psnr_rgb.png"
+    figure.write_bytes(b"png")
+    with stage_run("evaluate_report", params) as run:
+        parent = log_pipeline_summary(
+            {metric_key("x265", "crf=28", "bpp"): 0.25, "bd_rate/plvc_gan/vs_x265/psnr_rgb": -12.5},
+            [(summary, None), (figure, "rd/figures")],
+            {"train.gan.steps": "300", "dvc_exp_name": "exp-b"},
+        )
+        # a second call (a re-run of the stage) adds metrics, keeps the first param values
+        log_pipeline_summary({"extra": 1.0}, (), {"train.gan.steps": "400"})
+    client = MlflowClient()
+    assert client.get_run(run.info.run_id).data.tags["mlflow.parentRunId"] == parent
+    data = client.get_run(parent).data
+    assert data.metrics == {
+        "x265/crf_28/bpp": 0.25,
+        "bd_rate/plvc_gan/vs_x265/psnr_rgb": -12.5,
+        "extra": 1.0,
+    }
+    assert data.params == {"train.gan.steps": "300", "dvc_exp_name": "exp-b"}
+    assert {a.path for a in client.list_artifacts(parent)} == {"summary.md", "rd"}
+    assert [a.path for a in client.list_artifacts(parent, "rd/figures")] == [
+        "rd/figures/rd_psnr_rgb.png"
+    ]
+    experiment = client.get_experiment_by_name("test-exp")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    with pytest.raises(TrackingUnavailableError, match="needs an active stage run"):
+        log_pipeline_summary({"x": 1.0})
+
+
+def test_params_changed_since_commit(tmp_path: Path, monkeypatch) -> None:
+    def git(*args: str) -> None:
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text("train:\n  gan: {steps: 300, lr: 0.0001}\nseed: 0\n")
+    git("add", "params.yaml")
+    git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "params")
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    assert params_changed_since_commit(params_file) == {}
+    # what `dvc exp run -S train.gan.steps=500 -S data.crop=64` leaves in the workspace
+    params_file.write_text("train:\n  gan: {steps: 500, lr: 0.0001}\nseed: 0\ndata: {crop: 64}\n")
+    assert params_changed_since_commit(params_file) == {"train.gan.steps": "500", "data.crop": "64"}
+    assert params_changed_since_commit(tmp_path.parent / "elsewhere.yaml") == {}

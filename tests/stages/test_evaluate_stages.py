@@ -212,6 +212,22 @@ def test_report_stage_plots_and_summary(
     (run,) = _runs(evaluated, "evaluate_report")
     client = mlflow.MlflowClient()
     assert "summary.md" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    # the pipeline's parent run carries the summary the MLflow UI compares
+    parent = client.get_run(run.data.tags["mlflow.parentRunId"])
+    assert parent.data.tags["plvc.role"] == "pipeline"
+    points = json.loads((reports / "low" / "points.json").read_text())
+    gan = next(p for p in points if p["method"] == "plvc_gan")
+    assert parent.data.metrics["plvc_gan/low/bpp"] == pytest.approx(gan["bpp"])
+    assert parent.data.metrics["plvc_gan/low/psnr_rgb"] == pytest.approx(gan["psnr_rgb"])
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"summary.md", "rd"} <= artifacts
+    figures = {a.path for a in client.list_artifacts(parent.info.run_id, "rd/figures")}
+    assert "rd/figures/rd_psnr_rgb.png" in figures
+    if baselines is not None:
+        assert "BD-rate against **x264**" in summary and "BD-rate against **x265**" in summary
+        assert "x264/bpp_0.4/bpp" in parent.data.metrics
+        # two anchors with two points each: each one's BD-rate against the other is a number
+        assert "bd_rate/x264/vs_x265/psnr_rgb" in parent.data.metrics
 
 
 def test_missing_backbone_stops_before_any_work(

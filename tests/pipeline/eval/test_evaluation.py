@@ -411,17 +411,21 @@ def test_report_plots_and_bd_rate(tmp_path: Path) -> None:
         write_points(pts, reports / q)
         doc = {"test_set": {"fingerprint": "abc", "sequences": 2, "frames": 14}, "gop": 4}
         (reports / q / "metrics.json").write_text(json.dumps(doc))
-    write_points(
-        _points("x265", ref_rates, psnrs, ["crf=1", "crf=2", "crf=3"]), reports / "baselines"
-    )
+    anchors = _points("x264", [2 * r for r in ref_rates], psnrs, ["crf=4", "crf=5", "crf=6"])
+    anchors += _points("x265", ref_rates, psnrs, ["crf=1", "crf=2", "crf=3"])
+    write_points(anchors, reports / "baselines")
     (reports / "baselines" / "metrics.json").write_text(
         json.dumps({"test_set": {"fingerprint": "xyz"}, "random_backbones": ["lpips"]})
     )
     report = build_report(reports, ["low", "medium", "high"])
     text = report.summary_path.read_text()
     assert report.summary_path == reports / "summary.md"
-    # half the reference's rate at every quality: BD-rate -50 %
-    assert "| plvc_gan | -50.0 % |" in text
+    # half the reference's rate at every quality: BD-rate -50 %; a quarter of x264's: -75 %
+    assert "| plvc_gan | -50.0 % |" in text and "| plvc_gan | -75.0 % |" in text
+    assert report.anchors == ["x265", "x264"]  # the reference first
+    assert report.bd_rates["x265"]["plvc_gan"]["psnr_rgb"] == pytest.approx(-50.0)
+    assert report.bd_rates["x264"]["plvc_gan"]["ms_ssim"] == pytest.approx(-75.0)
+    assert report.bd_rates["x264"]["x265"]["psnr_rgb"] == pytest.approx(-50.0)
     assert "BD-rate in LPIPS: n/a: not measured" in text
     assert "DIFFERENT test sets" in text and "RANDOM backbones (lpips)" in text
     assert {p.name for p in report.plots} == {"rd_psnr_rgb.png", "rd_ms_ssim.png"}
@@ -429,12 +433,12 @@ def test_report_plots_and_bd_rate(tmp_path: Path) -> None:
     assert "![rd_psnr_rgb](rd/figures/rd_psnr_rgb.png)" in text
     curve = read_csv(reports / "rd" / "by_method" / "plvc_gan.csv")
     assert [r["point"] for r in curve] == ["low", "medium", "high"]
-    assert len(read_points_json(reports / "rd" / "points.json")) == 6
+    assert len(read_points_json(reports / "rd" / "points.json")) == 9
 
     (reports / "high" / "points.json").unlink()
     (reports / "baselines" / "points.json").unlink()
     text = build_report(reports, ["low", "medium", "high"]).summary_path.read_text()
-    assert "high/points.json" in text and "n/a: no x265 points" in text
+    assert "high/points.json" in text and "n/a against x265: no x265 points" in text
 
 
 def test_report_without_inputs_names_them(tmp_path: Path) -> None:
