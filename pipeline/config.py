@@ -357,6 +357,12 @@ class YUVSequence(_Strict):
     height: PosInt
     frames: PosInt
     fps: PosFloat = 30.0
+    #: YCbCr matrix of the file (limited range): HD sources (UVG, HEVC class B) are BT.709;
+    #: read as BT.601 their colours shift. Anchors and Y-PSNR/VMAF/XPSNR use it too
+    matrix: Literal["bt601", "bt709"] = "bt601"
+    #: the sequence's class in its test set (e.g. "UVG", "HEVC-B"): the report averages
+    #: per-sequence figures per class
+    group: str = ""
 
 
 class EvaluateConfig(_Strict):

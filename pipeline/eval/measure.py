@@ -143,6 +143,7 @@ class _Method:
                 _u8_tensor(seq.frames[start:end]),
                 _u8_tensor(decoded[start:end]),
                 num_bytes=num_bytes if start == 0 else 0,
+                matrix=seq.matrix,
             )
             for row in rows:
                 row["frame"] += start  # the run keeps these dicts: its rows are re-indexed too
@@ -276,7 +277,7 @@ def _matched_anchor(
         ffmpeg=ffmpeg,
     )
     try:
-        result = encode_decode(_u8_tensor(seq.frames[:span]), cfg, target_bpp)
+        result = encode_decode(_u8_tensor(seq.frames[:span]), cfg, target_bpp, matrix=seq.matrix)
     except BaselineError as exc:
         warnings.warn(f"{seq.name}: no x265 image at {target_bpp:.4f} bpp: {exc}", stacklevel=2)
         return None
@@ -492,7 +493,13 @@ def evaluate_anchors(
             def submit(pool: ThreadPoolExecutor, job: tuple[BaselineConfig, float]) -> Future[Any]:
                 cfg, value = job
                 per_sequence = dataclasses.replace(cfg, gop_size=period, fps=seq.fps)  # noqa: B023
-                return pool.submit(encode_decode, frames, per_sequence, value)  # noqa: B023
+                return pool.submit(
+                    encode_decode,
+                    frames,  # noqa: B023
+                    per_sequence,
+                    value,
+                    matrix=seq.matrix,  # noqa: B023
+                )
 
             # at most pool_size results in memory; measured in job order (deterministic rows)
             with ThreadPoolExecutor(max_workers=pool_size) as pool:

@@ -448,14 +448,21 @@ class MetricRun:
 
     @torch.no_grad()
     def add_video(
-        self, video: str, originals: Tensor, decoded: Tensor, num_bytes: int | None = None
+        self,
+        video: str,
+        originals: Tensor,
+        decoded: Tensor,
+        num_bytes: int | None = None,
+        matrix: str | None = None,
     ) -> list[dict[str, Any]]:
         """Measure one video; returns (and keeps) its per-frame rows.
 
         ``num_bytes``: all bitstream bytes of this video; when every video gives it the
-        summary holds the set's ``bpp`` (total bits / total pixels).
+        summary holds the set's ``bpp`` (total bits / total pixels). ``matrix``: the video's
+        YCbCr matrix for Y-PSNR and the ffmpeg metrics (default: the config's ``luma_matrix``).
         """
         ms, cfg = self._ms, self._ms.config
+        luma_matrix: Any = matrix or cfg.luma_matrix
         x, x_hat = _check_frames(video, originals, decoded)
         if cfg.quantize_8bit:
             x, x_hat = _to_8bit(x), _to_8bit(x_hat)
@@ -468,7 +475,7 @@ class MetricRun:
                 cols["psnr_rgb"] = psnr(x, x_hat).tolist()
             if "psnr_y" in wanted:
                 cols["psnr_y"] = psnr(
-                    rgb_to_luma(x, cfg.luma_matrix), rgb_to_luma(x_hat, cfg.luma_matrix), peak=255.0
+                    rgb_to_luma(x, luma_matrix), rgb_to_luma(x_hat, luma_matrix), peak=255.0
                 ).tolist()
             scales = 0
             if "ms_ssim" in wanted:
@@ -507,7 +514,7 @@ class MetricRun:
 
                 cols.update(
                     ffmpeg_frame_metrics(
-                        x, x_hat, wanted, video=video, ffmpeg=cfg.ffmpeg, matrix=cfg.luma_matrix
+                        x, x_hat, wanted, video=video, ffmpeg=cfg.ffmpeg, matrix=luma_matrix
                     )
                 )
             if wanted & set(SET_METRICS):

@@ -56,6 +56,9 @@ class TestSequence:
     fps: float
     source_size: tuple[int, int]
     crop_box: tuple[int, int, int, int]
+    #: YCbCr matrix of the source: how anchors and Y-based metrics convert its RGB frames
+    matrix: str = "bt601"
+    group: str = ""
 
     @property
     def num_frames(self) -> int:
@@ -87,6 +90,8 @@ class TestSequence:
             "crop_left": left,
             "gop": self.gop(gop),
             "fps": self.fps,
+            "matrix": self.matrix,
+            "group": self.group,
         }
 
 
@@ -176,7 +181,12 @@ class TestSet:
 
         where = f"evaluate.sequences[{i}] ({spec.name})"
         try:
-            reader = open_video(spec.path, size=(spec.width, spec.height), max_frames=spec.frames)
+            reader = open_video(
+                spec.path,
+                size=(spec.width, spec.height),
+                max_frames=spec.frames,
+                matrix=spec.matrix,
+            )
             if (reader.width, reader.height) != (spec.width, spec.height):
                 raise EvaluationError(
                     f"{where}: {spec.path} is {reader.width}x{reader.height}, the params say "
@@ -196,5 +206,12 @@ class TestSet:
                 f"asks for {spec.frames}"
             )
         return TestSequence(
-            spec.name, "yuv", frames, float(spec.fps), (spec.height, spec.width), (top, left, h, w)
+            spec.name,
+            "yuv",
+            frames,
+            float(spec.fps),
+            (spec.height, spec.width),
+            (top, left, h, w),
+            matrix=spec.matrix,
+            group=spec.group,
         )

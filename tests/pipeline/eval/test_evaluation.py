@@ -364,6 +364,35 @@ def test_yuv_sequence_is_read_cropped_and_evaluated(tmp_path: Path) -> None:
         TestSet(None, yuv_sequences=[missing])
 
 
+def test_bt709_sequences_are_read_and_anchored_as_bt709(tmp_path: Path) -> None:
+    """HD test sequences are BT.709: with ``matrix: bt709`` their colours come back, read as
+    BT.601 they shift; the anchors get the file's YUV back through the same matrix."""
+    from pipeline.eval.baselines import yuv420_bytes
+    from plvc.video_io import rgb_to_yuv420
+
+    width, height = 128, 64
+    colours = [(200, 40, 40), (40, 180, 60), (50, 60, 210)]  # one flat colour per frame
+    rgb = np.stack([np.full((height, width, 3), c, np.uint8) for c in colours])
+    path = tmp_path / "hd.yuv"
+    path.write_bytes(
+        b"".join(p.tobytes() for frame in rgb for p in rgb_to_yuv420(frame, matrix="bt709"))
+    )
+    spec = YUVSequence(
+        name="hd", path=path, width=width, height=height, frames=3, matrix="bt709", group="B"
+    )
+    (seq,) = list(TestSet(None, yuv_sequences=[spec]))
+    assert np.abs(seq.frames.astype(int) - rgb).max() <= 2
+    assert seq.describe(-1)["matrix"] == "bt709" and seq.describe(-1)["group"] == "B"
+    (as_601,) = list(TestSet(None, yuv_sequences=[spec.model_copy(update={"matrix": "bt601"})]))
+    assert np.abs(as_601.frames.astype(int) - rgb).max() > 10
+
+    source = np.frombuffer(path.read_bytes(), np.uint8).astype(int)
+    frames = torch.from_numpy(seq.frames).permute(0, 3, 1, 2).float() / 255
+    for matrix, close in (("bt709", True), ("bt601", False)):
+        coded = np.frombuffer(yuv420_bytes(frames, matrix)[0], np.uint8).astype(int)
+        assert (np.abs(coded - source).max() <= 1) == close, matrix
+
+
 def test_missing_models_are_named(tmp_path: Path) -> None:
     with pytest.raises(EvaluationError, match=r"low/gan/generator\.pt.*train_single_p@low"):
         load_quality_models(tmp_path / "models", "low")
