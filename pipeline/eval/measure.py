@@ -149,7 +149,10 @@ class _Method:
                 row["frame"] += start  # the run keeps these dicts: its rows are re-indexed too
                 i = row["frame"]
                 head = {"method": self.name, "point": self.point, "video": seq.name, "frame": i}
-                self.rows.append({**head, **frame_info[i], **row})
+                # the whole sequence's stream: anchors have no per-frame sizes, and BD-rates
+                # per sequence (pipeline.eval.bd_classes) need every method's
+                size = {"sequence_bytes": num_bytes}
+                self.rows.append({**head, **frame_info[i], **size, **row})
         self.bytes += num_bytes
         self.videos += 1
         self.sequence_bpp[seq.name] = num_bytes * 8 / (t * h * w)

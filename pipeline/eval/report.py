@@ -7,10 +7,11 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.eval.bd_classes import ClassBDRates, class_bd_rates, class_bd_table, sequence_points
 from pipeline.eval.measure import REFERENCE_METHOD
 from pipeline.eval.metrics import RANDOM_SUFFIX, EvaluationError
 from pipeline.eval.outputs import clear_folder
@@ -78,7 +79,9 @@ class ReportResult:
     anchors: list[str]
     """The baselines' methods, the reference first."""
     bd_rates: dict[str, dict[str, dict[str, float | str]]]
-    """``{anchor: {method: {metric key: BD-rate % or why not}}}``."""
+    """``{anchor: {method: {metric key: BD-rate % or why not}}}`` on pooled points."""
+    class_bd_rates: ClassBDRates = field(default_factory=dict)
+    """Per-sequence BD-rates averaged per class (:mod:`pipeline.eval.bd_classes`)."""
 
 
 def _metric_present(points: Sequence[RDPoint], metric: str) -> str | None:
@@ -219,9 +222,21 @@ def build_report(
         "",
         'Cells read "n/a" where a curve has fewer than 2 points, is not monotonic, or the '
         "curves share no quality range. Negative: fewer bits than the reference at equal "
-        "quality.",
+        "quality. These are BD-rates of points pooled over all sequences; the field's "
+        "convention, one BD-rate per sequence averaged per class, follows.",
         "",
     ]
+    per_class: ClassBDRates = {}
+    if anchors and measured:
+        lines += ["## BD-rate per class (per sequence, then the mean)", ""]
+        try:
+            seq_points, groups = sequence_points(
+                [reports / name for name in [*qualities, "baselines"]], measured
+            )
+            per_class = class_bd_rates(seq_points, groups, anchors, measured)
+            lines += [class_bd_table(per_class, anchor, measured) for anchor in anchors]
+        except (EvaluationError, KeyError, ValueError) as exc:
+            lines += [f"n/a: {exc}", ""]
 
     if reference in by_method:
         ref_rates = [p.bpp for p in by_method[reference]]
@@ -256,7 +271,9 @@ def build_report(
     lines.append("")
     write_bytes_atomic(summary_file, "\n".join(lines).encode())
     files["summary"] = summary_file
-    return ReportResult(points, plots, summary_file, files, notes, missing, anchors, tables)
+    return ReportResult(
+        points, plots, summary_file, files, notes, missing, anchors, tables, per_class
+    )
 
 
 def summary_metrics(report: ReportResult) -> dict[tuple[str, ...], float]:
@@ -275,4 +292,9 @@ def summary_metrics(report: ReportResult) -> dict[tuple[str, ...], float]:
             for key, value in row.items():
                 if isinstance(value, float) and math.isfinite(value):
                     out[("bd_rate", method, f"vs_{anchor}", key)] = value
+    for anchor, by_method in report.class_bd_rates.items():
+        for method, per_group in by_method.items():
+            for group, cells in per_group.items():
+                for key, (mean, _) in cells.items():
+                    out[("bd_rate_per_class", method, f"vs_{anchor}", group, key)] = mean
     return out

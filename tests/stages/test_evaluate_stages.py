@@ -228,6 +228,9 @@ def test_report_stage_plots_and_summary(
         assert "x264/bpp_0.4/bpp" in parent.data.metrics
         # two anchors with two points each: each one's BD-rate against the other is a number
         assert "bd_rate/x264/vs_x265/psnr_rgb" in parent.data.metrics
+        # and per sequence, averaged per class (the Vimeo clip's class is its source)
+        assert "Mean of per-sequence BD-rates against **x265**" in summary
+        assert "bd_rate_per_class/x264/vs_x265/vimeo/psnr_rgb" in parent.data.metrics
 
 
 def test_missing_backbone_stops_before_any_work(
