@@ -339,13 +339,19 @@ class TrainConfig(_Strict):
 
 class BaselineSpec(_Strict):
     """An anchor through ffmpeg (low-delay, the evaluation's GOP): x264, x265, vvenc (VVC) or
-    svtav1 (AV1); rate controls and presets per codec in :mod:`pipeline.eval.baselines`."""
+    svtav1 (AV1); rate controls and presets per codec in :mod:`pipeline.eval.baselines`. Or
+    ``external``: a user's encoder binary (VTM, HM) run from command templates
+    (:mod:`pipeline.eval.external_anchor`)."""
 
-    codec: Literal["x264", "x265", "vvenc", "svtav1"]
+    codec: Literal["x264", "x265", "vvenc", "svtav1", "external"]
     rate_control: Literal["crf", "qp", "bpp"] = "crf"
     points: list[float] = Field(min_length=1)
     #: null: the codec's default (x264/x265/vvenc ``medium``, SVT-AV1 ``8``)
     preset: str | None = None
+    #: external codecs: the method name in the reports, and the command templates
+    name: str | None = None
+    encode: str | None = None
+    decode: str | None = None
 
 
 class YUVSequence(_Strict):

@@ -59,6 +59,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from pipeline.eval.external_anchor import ExternalCommands, code_external
 from pipeline.eval.metrics import EvaluationError, bits_per_pixel
 
 __all__ = [
@@ -77,7 +78,7 @@ __all__ = [
     "yuv420_bytes",
 ]
 
-Codec = Literal["x264", "x265", "vvenc", "svtav1"]
+Codec = Literal["x264", "x265", "vvenc", "svtav1", "external"]
 RateControl = Literal["crf", "qp", "bpp"]
 
 
@@ -226,8 +227,41 @@ class BaselineConfig:
     ffmpeg: str | None = None
     #: seconds per ffmpeg call
     timeout_s: float = 3600.0
+    #: an ``external`` codec's method name and command templates
+    #: (:mod:`pipeline.eval.external_anchor`)
+    name: str | None = None
+    encode: str | None = None
+    decode: str | None = None
+
+    @property
+    def method(self) -> str:
+        """The method name in reports: the codec, or an external codec's ``name``."""
+        return self.name or self.codec
+
+    @property
+    def external(self) -> ExternalCommands | None:
+        if self.codec != "external":
+            return None
+        return ExternalCommands(str(self.name), str(self.encode), self.decode)
 
     def __post_init__(self) -> None:
+        if self.codec == "external":
+            if not self.name or not self.encode:
+                raise BaselineError(
+                    "evaluate.baselines: an external codec needs a 'name' (its method name "
+                    "in the reports) and an 'encode' command template"
+                )
+            if self.name in CODECS:
+                raise BaselineError(
+                    f"evaluate.baselines: external codec name {self.name!r} is a built-in codec"
+                )
+            if self.rate_control == "bpp":
+                raise BaselineError(
+                    f"evaluate.baselines ({self.name}): an external codec takes the values of "
+                    "its own 'qp' or 'crf' option ({value} in its template), not a target bpp"
+                )
+            self.external  # noqa: B018 - validates the templates now, naming the param
+            return
         if self.codec not in CODECS:
             raise BaselineError(
                 f"evaluate.baselines: unknown codec {self.codec!r}; use one of {sorted(CODECS)}"
@@ -503,6 +537,8 @@ def encode_decode(
         shape = list(frames.shape) if isinstance(frames, Tensor) else type(frames).__name__
         raise BaselineError(f"frames must be a [T, 3, H, W] tensor with T >= 1, got {shape}")
     cfg = config
+    if cfg.external is not None:
+        return _encode_decode_external(frames, cfg, cfg.external, value, matrix)
     spec = CODECS[cfg.codec]
     ffmpeg = find_ffmpeg(cfg.ffmpeg)
     if spec.encoder not in ffmpeg_encoders(ffmpeg):
@@ -534,6 +570,36 @@ def encode_decode(
         bitstream=bitstream,
         decoded=torch.cat(decoded),
         bpp=bits_per_pixel(len(bitstream), t, h, w),
+        encode_s=encode_s,
+        decode_s=decode_s,
+        command=cmd,
+    )
+
+
+def _encode_decode_external(
+    frames: Tensor, cfg: BaselineConfig, commands: ExternalCommands, value: float, matrix: str
+) -> BaselineResult:
+    t, _, h, w = frames.shape
+    yuv, w, h = yuv420_bytes(frames, matrix)
+    stream, raw, encode_s, decode_s, cmd = code_external(
+        commands,
+        yuv,
+        frames=t,
+        width=w,
+        height=h,
+        fps=cfg.fps,
+        value=value,
+        gop=cfg.gop_size,
+        timeout=cfg.timeout_s,
+    )
+    what = f"{commands.name} {cfg.rate_control}={value:g}"
+    return BaselineResult(
+        codec=commands.name,
+        rate_control=cfg.rate_control,
+        value=float(value),
+        bitstream=stream,
+        decoded=_from_yuv420(raw, t, w, h, matrix, what),
+        bpp=bits_per_pixel(len(stream), t, h, w),
         encode_s=encode_s,
         decode_s=decode_s,
         command=cmd,

@@ -420,6 +420,9 @@ def anchor_configs(
             points=tuple(float(p) for p in s.points),
             preset=s.preset,
             ffmpeg=None if ffmpeg is None else str(ffmpeg),
+            name=s.name,
+            encode=s.encode,
+            decode=s.decode,
         )
         for s in specs
     ]
@@ -428,8 +431,12 @@ def anchor_configs(
 def check_anchors(configs: Sequence[BaselineConfig]) -> None:
     """Fail before any work when ffmpeg or one of its encoders is missing."""
     from pipeline.eval.baselines import CODECS, FFmpegNotFoundError, ffmpeg_encoders, find_ffmpeg
+    from pipeline.eval.external_anchor import check_external_program
 
     for cfg in configs:
+        if cfg.external is not None:
+            check_external_program(cfg.external)
+            continue
         binary = find_ffmpeg(cfg.ffmpeg)
         encoder = CODECS[cfg.codec].encoder
         if encoder not in ffmpeg_encoders(binary):
@@ -468,15 +475,21 @@ def evaluate_anchors(
     methods: dict[tuple[str, str], _Method] = {}
     for cfg, value in jobs:
         label = f"{cfg.rate_control}={value:g}"
-        methods[(cfg.codec, label)] = _Method(
-            cfg.codec,
-            label,
-            metric_set,
-            chunk_pixels,
-            encoder=CODECS[cfg.codec].encoder,
-            preset=cfg.preset or CODECS[cfg.codec].default_preset,
-            tune=cfg.tune if cfg.codec in ("x264", "x265") else None,
-            ffmpeg=ffmpeg_version(find_ffmpeg(cfg.ffmpeg)),
+        if cfg.external is not None:
+            source: dict[str, Any] = {
+                "encoder": cfg.external.programs()[0],
+                "encode_template": cfg.encode,
+                "decode_template": cfg.decode,
+            }
+        else:
+            source = {
+                "encoder": CODECS[cfg.codec].encoder,
+                "preset": cfg.preset or CODECS[cfg.codec].default_preset,
+                "tune": cfg.tune if cfg.codec in ("x264", "x265") else None,
+                "ffmpeg": ffmpeg_version(find_ffmpeg(cfg.ffmpeg)),
+            }
+        methods[(cfg.method, label)] = _Method(
+            cfg.method, label, metric_set, chunk_pixels, **source
         )
     sequences: list[dict[str, Any]] = []
     total = test_set.total_frames() * len(jobs)
@@ -516,7 +529,7 @@ def evaluate_anchors(
                     nxt = next(queue, None)
                     if nxt is not None:
                         pending.append((nxt, submit(pool, nxt)))
-                    method = methods[(cfg.codec, f"{cfg.rate_control}={value:g}")]
+                    method = methods[(cfg.method, f"{cfg.rate_control}={value:g}")]
                     # the first sequence's command line (temp paths and all): what ran
                     method.source.setdefault("command", " ".join(result.command))
                     method.time("encode_ms_per_frame", result.encode_s / seq.num_frames)

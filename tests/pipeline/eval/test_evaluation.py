@@ -9,10 +9,12 @@ garbage, but every byte is real and decoded back, which is what these tests chec
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -473,3 +475,76 @@ def test_report_plots_and_bd_rate(tmp_path: Path) -> None:
 def test_report_without_inputs_names_them(tmp_path: Path) -> None:
     with pytest.raises(EvaluationError, match=r"low/points\.json.*evaluate stages"):
         build_report(tmp_path, ["low"])
+
+
+FAKE_CODEC = """
+import shutil, sys
+mode, src, dst = sys.argv[1:4]
+if "half" in sys.argv:  # a broken codec: half the frames
+    data = open(src, "rb").read()
+    open(dst, "wb").write(data[: len(data) // 2])
+else:
+    shutil.copyfile(src, dst)
+"""
+
+
+def test_external_anchor_runs_the_users_encoder_binary(tmp_path: Path) -> None:
+    """A user's own encoder (VTM, HM) from command templates: here a lossless stand-in that
+    stores the raw YUV as its "bitstream" (12 bits per pixel) and a decoder that copies it
+    back. The rate is the stream file's size, the frames are the decoder's output."""
+    from pipeline.eval.baselines import BaselineConfig
+
+    script = tmp_path / "fake_codec.py"
+    script.write_text(FAKE_CODEC)
+    expected = _write_yuv(tmp_path / "grey.yuv", 128, 64, 3)
+    spec = YUVSequence(name="grey", path=tmp_path / "grey.yuv", width=128, height=64, frames=3)
+    python = sys.executable
+    external = BaselineSpec(
+        codec="external",
+        name="fakevtm",
+        rate_control="qp",
+        points=[32],
+        encode=f"{python} {script} encode {{input}} {{stream}} -q {{value}} --gop {{gop}}",
+        decode=f"{python} {script} decode {{stream}} {{output}}",
+    )
+    configs = anchor_configs([external], None)
+    metric_set = MetricSet(MetricConfig(metrics=("psnr_rgb",)))
+    result = evaluate_anchors(
+        TestSet(None, yuv_sequences=[spec]), configs, metric_set, gop=-1, progress=False
+    )
+    summary = result.methods["fakevtm"]["qp=32"]
+    assert summary["bpp"] == pytest.approx(12.0)  # the raw 4:2:0 file is the stream
+    assert summary["psnr_rgb"] > 45  # grey through YUV and back: rounding only
+    source = result.sources["fakevtm"]["qp=32"]
+    assert source["encoder"] == python and "{value}" in source["encode_template"]
+    assert source["command"].endswith("-q 32 --gop 3")
+    assert expected.shape == (3, 64, 128, 3)
+
+    no_stream = {"encode": f"{python} {script} encode {{input}} {{output}}", "decode": None}
+    with pytest.raises(EvaluationError, match=r"must name \{stream\}"):
+        anchor_configs([external.model_copy(update=no_stream)], None)
+    half = dataclasses.replace(
+        configs[0], encode=f"{python} {script} encode {{input}} {{stream}} half"
+    )
+    with pytest.raises(EvaluationError, match=r"decoded \{output\} holds .* needs -d 8"):
+        evaluate_anchors(
+            TestSet(None, yuv_sequences=[spec]), [half], metric_set, gop=-1, progress=False
+        )
+    for update, message in (
+        ({"encode": "EncoderApp {input} {stream} {qp}"}, r"unknown placeholder.*'qp'"),
+        ({"name": None}, "needs a 'name'"),
+        ({"rate_control": "bpp"}, "not a target bpp"),
+    ):
+        with pytest.raises(EvaluationError, match=message):  # BaselineError is one
+            anchor_configs([external.model_copy(update=update)], None)
+    missing = BaselineConfig(
+        codec="external",
+        name="vtm",
+        rate_control="qp",
+        points=(32,),
+        encode="EncoderAppNowhere -i {input} -b {stream} -o {output}",
+    )
+    with pytest.raises(EvaluationError, match="'EncoderAppNowhere' is not an executable on PATH"):
+        evaluate_anchors(
+            TestSet(None, yuv_sequences=[spec]), [missing], metric_set, gop=-1, progress=False
+        )
