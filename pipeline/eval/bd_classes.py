@@ -57,8 +57,10 @@ def sequence_points(
                 # the sequence's stream size where written (anchors have no per-frame sizes)
                 if row.get("sequence_bytes"):
                     acc["bytes"] = float(row["sequence_bytes"])
-                else:
-                    acc["bytes"] += float(row["bytes"] or 0)
+                elif row.get("bytes"):
+                    acc["bytes"] += float(row["bytes"])
+                else:  # an anchor's row of an older frames.csv: the size is unknown
+                    acc["unknown"] = 1.0
                 acc["frames"] += 1
                 for metric in metrics:
                     value = row.get(metric)
@@ -67,6 +69,8 @@ def sequence_points(
                         acc[f"n_{metric}"] = acc.get(f"n_{metric}", 0.0) + 1
     points: dict[str, dict[str, list[RDPoint]]] = {}
     for (video, method, point), acc in sums.items():
+        if acc.get("unknown"):
+            continue
         if video not in sizes:
             raise EvaluationError(f"frames.csv names sequence {video!r}, no sources.json does")
         values = {

@@ -88,3 +88,11 @@ def test_bd_rate_per_sequence_then_mean_per_class(tmp_path: Path) -> None:
     assert "| plvc_gan | -50.0 % (1) | +0.0 % (1) | -25.0 % (2) |" in table
     assert table.index("A: psnr_rgb") < table.index("all: psnr_rgb")
     assert "n/a against x264" in class_bd_table(rates, "x264", ["psnr_rgb"])
+
+    # an anchor's rows without sizes (a frames.csv from before sequence_bytes): no points
+    rows = _rows("a1", "x265", low, crfs)
+    for row in rows:
+        row["bytes"] = ""
+    _write(tmp_path / "baselines", rows, sequences)
+    points, _ = sequence_points([tmp_path / "q", tmp_path / "baselines"], ["psnr_rgb"])
+    assert "x265" not in points["a1"] and "plvc_gan" in points["a1"]
