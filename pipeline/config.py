@@ -376,13 +376,14 @@ class EvaluateConfig(_Strict):
 
     #: frames per GOP (I-frame + P-frames); -1: one I-frame per sequence
     gop: int = 9
-    #: held-out Vimeo clips to code (None: all)
-    max_clips: PosInt | None = None
+    #: held-out Vimeo clips to code (None: all; 0: none, the YUV sequences only)
+    max_clips: NonNegInt | None = None
     sequences: list[YUVSequence] = Field(default_factory=list)
     metrics: list[
         Literal[
             "psnr_rgb",
             "psnr_y",
+            "psnr_yuv",
             "ms_ssim",
             "lpips",
             "tdiff_mae",

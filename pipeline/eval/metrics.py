@@ -103,7 +103,7 @@ __all__ = [
 
 
 #: per-frame metrics (``tdiff_mae`` and ``tlp`` are per frame t >= 1)
-FRAME_METRICS = ("psnr_rgb", "psnr_y", "ms_ssim", "lpips", "tdiff_mae", "tlp")
+FRAME_METRICS = ("psnr_rgb", "psnr_y", "psnr_yuv", "ms_ssim", "lpips", "tdiff_mae", "tlp")
 
 
 #: per-frame metrics computed by ffmpeg (:mod:`pipeline.eval.ffmpeg_metrics`)
@@ -477,6 +477,10 @@ class MetricRun:
                 cols["psnr_y"] = psnr(
                     rgb_to_luma(x, luma_matrix), rgb_to_luma(x_hat, luma_matrix), peak=255.0
                 ).tolist()
+            if "psnr_yuv" in wanted:
+                from pipeline.eval.yuv_metrics import yuv420_psnr
+
+                cols["psnr_yuv"] = yuv420_psnr(x, x_hat, luma_matrix)
             scales = 0
             if "ms_ssim" in wanted:
                 scales = ms_ssim_scales(h, w)

@@ -56,6 +56,7 @@ __all__ = [
 HIGHER_IS_BETTER: dict[str, bool] = {
     "psnr_rgb": True,
     "psnr_y": True,
+    "psnr_yuv": True,
     "ms_ssim": True,
     "lpips": False,
     "fid": False,
@@ -72,6 +73,7 @@ PLOT_METRICS = ("lpips", "fid", "kid", "psnr_rgb", "ms_ssim", "vmaf", "vmaf_neg"
 _LABELS = {
     "psnr_rgb": "PSNR RGB (dB)",
     "psnr_y": "PSNR Y (dB)",
+    "psnr_yuv": "PSNR YUV 6:1:1 (dB)",
     "ms_ssim": "MS-SSIM",
     "lpips": "LPIPS (AlexNet)",
     "fid": "FID",

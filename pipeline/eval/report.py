@@ -37,16 +37,17 @@ __all__ = [
 
 
 #: the BD-rate tables' metrics (fidelity, then perception), where measured
-BD_METRICS = ("psnr_rgb", "ms_ssim", "vmaf", "vmaf_neg", "xpsnr", "lpips")
+BD_METRICS = ("psnr_rgb", "psnr_yuv", "ms_ssim", "vmaf", "vmaf_neg", "xpsnr", "lpips")
 
 
-_REPORT_METRICS = (*PLOT_METRICS, "psnr_y", "tdiff_mae", "tlp")
+_REPORT_METRICS = (*PLOT_METRICS, "psnr_y", "psnr_yuv", "tdiff_mae", "tlp")
 
 
 _METRIC_NAMES = {
     "lpips": "LPIPS",
     "psnr_rgb": "PSNR (RGB)",
     "psnr_y": "PSNR (Y)",
+    "psnr_yuv": "PSNR (YUV 6:1:1)",
     "ms_ssim": "MS-SSIM",
     "fid": "FID",
     "kid": "KID",

@@ -366,6 +366,17 @@ def test_yuv_sequence_is_read_cropped_and_evaluated(tmp_path: Path) -> None:
         TestSet(None, yuv_sequences=[missing])
 
 
+def test_max_clips_zero_evaluates_the_yuv_sequences_only(
+    setup: dict[str, Any], tmp_path: Path
+) -> None:
+    _write_yuv(tmp_path / "grey.yuv", 128, 64, 2)
+    spec = YUVSequence(name="grey", path=tmp_path / "grey.yuv", width=128, height=64, frames=2)
+    assert TestSet(setup["shards"] / "test", max_clips=0, yuv_sequences=[spec]).names == ["grey"]
+    assert len(TestSet(setup["shards"] / "test", max_clips=2, yuv_sequences=[spec])) == 3
+    with pytest.raises(EvaluationError, match="no test sequences"):
+        TestSet(setup["shards"] / "test", max_clips=0)
+
+
 def test_bt709_sequences_are_read_and_anchored_as_bt709(tmp_path: Path) -> None:
     """HD test sequences are BT.709: with ``matrix: bt709`` their colours come back, read as
     BT.601 they shift; the anchors get the file's YUV back through the same matrix."""

@@ -266,3 +266,38 @@ def test_hific_patches_cover_grid_and_shifted_grid() -> None:
     assert torch.equal(patches[-1], frames[1, :, 16:48, 48:80])
     with pytest.raises(EvaluationError, match=r"evaluate\.fid_patch_size"):
         _hific_patches(frames, 128)
+
+
+def test_yuv420_psnr_weights_luma_six_to_one() -> None:
+    """DCVC's measure: (6 PSNR_Y + PSNR_U + PSNR_V) / 8 on the 8-bit 4:2:0 planes. A
+    luma shift (through RGB, which moves chroma a little too) checks the weights against the
+    planes computed here."""
+    import numpy as np
+
+    from pipeline.eval.yuv_metrics import yuv420_psnr
+    from plvc.video_io import rgb_to_yuv420, yuv420_to_rgb
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(40, 200, (1, 32, 32)).astype(np.uint8)[0]
+    u = rng.integers(100, 156, (16, 16)).astype(np.uint8)
+    v = rng.integers(100, 156, (16, 16)).astype(np.uint8)
+    base = yuv420_to_rgb(y, u, v)
+    # the frame must survive RGB -> YUV itself for the planes to be what we set
+    y0, u0, v0 = rgb_to_yuv420(base)
+    frames = torch.from_numpy(base).permute(2, 0, 1)[None].float() / 255
+    assert yuv420_psnr(frames, frames) == [math.inf]
+    # luma 2 levels up everywhere, chroma untouched (where the clamp allows)
+    y_up = np.clip(y0.astype(int) + 2, 0, 255).astype(np.uint8)
+    shifted = yuv420_to_rgb(y_up, u0, v0)
+    y1, u1, v1 = rgb_to_yuv420(shifted)
+    other = torch.from_numpy(shifted).permute(2, 0, 1)[None].float() / 255
+    expected_planes = []
+    for p, q in ((y0, y1), (u0, u1), (v0, v1)):
+        mse = np.mean((p.astype(float) - q.astype(float)) ** 2)
+        expected_planes.append(math.inf if mse == 0 else 10 * math.log10(255**2 / mse))
+    py, pu, pv = expected_planes
+    (got,) = yuv420_psnr(frames, other)
+    # RGB rounding moves chroma a little too: three finite, different plane PSNRs
+    assert all(math.isfinite(p) for p in (py, pu, pv)) and len({py, pu, pv}) == 3
+    assert got == pytest.approx((6 * py + pu + pv) / 8)
+    assert got != pytest.approx((py + pu + pv) / 3)
