@@ -6,6 +6,8 @@ declared count and size. Never another exception, a hang, or a peak resident siz
 :data:`MAX_GROWTH_MIB` above the process's peak before the first forged stream (imports, the
 models and the real encode: ~1.3 GiB with torch and CompressAI loaded; decoding the 5-frame
 150x100 stream adds almost nothing, a forged size that the decoder trusted would add GiBs).
+The decoding runs under an address-space limit (:data:`ADDRESS_SPACE_HEADROOM_MIB` above the
+set-up's), so such a blow-up is a MemoryError in one case, not an exhausted machine.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ REPO = Path(__file__).resolve().parents[2]
 CASES = 126
 SEED = 2026
 MAX_GROWTH_MIB = 256
+#: address space the decoding may add to what the set-up mapped (threads' stacks, buffers)
+ADDRESS_SPACE_HEADROOM_MIB = 2048
 
 MUTATIONS = (
     "p_string_bytes",
@@ -143,6 +147,7 @@ def run_cases(folder: Path, cases: int, seed: int) -> dict[str, Any]:
     stream = encode_video(frames.contiguous(), model, intra, gop=3, quality="low").data
     header, records = decode_container(stream)
     baseline = _peak_rss_mib()
+    _limit_address_space(ADDRESS_SPACE_HEADROOM_MIB)
     rng = random.Random(seed)
     outcomes: Counter[str] = Counter()
     failures = []
@@ -157,6 +162,9 @@ def run_cases(folder: Path, cases: int, seed: int) -> dict[str, Any]:
         try:
             decoded = decode_video(data, bundle.model, intra=bundle.intra)
         except PLVCError as exc:
+            if "alloc" in str(exc).lower():  # the address-space limit, wrapped by the decoder
+                failures.append(f"case {case} {kind}: allocation refused: {exc}"[:300])
+                continue
             outcomes[f"{kind}: {type(exc).__name__}"] += 1
             continue
         except Exception as exc:  # exactly what the fuzzing looks for
@@ -173,6 +181,20 @@ def run_cases(folder: Path, cases: int, seed: int) -> dict[str, Any]:
         "baseline_peak_rss_mib": baseline,
         "peak_rss_mib": _peak_rss_mib(),
     }
+
+
+def _limit_address_space(headroom_mib: int) -> None:
+    """Cap this process's address space at its current size plus ``headroom_mib``: a decoder
+    that trusted a forged size gets a MemoryError (a failed case), not the machine's memory."""
+    if not hasattr(resource, "RLIMIT_AS"):  # pragma: no cover - not Linux
+        return
+    size_kib = 0
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmSize:"):
+            size_kib = int(line.split()[1])
+    if size_kib:
+        limit = (size_kib // 1024 + headroom_mib) << 20
+        resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
 
 
 def _peak_rss_mib() -> float:
