@@ -4,7 +4,7 @@ a Ray Train run to resume.
 Layout (one directory per checkpoint, written by rank 0)::
 
     meta.json          {"format", "phase", "phase_config", "step", "epoch", "world_size",
-                        "metrics", "saved_at"}
+                        "metrics", "saved_at", "files": {name: bytes}}
     generator.pt       state_dict of the generator
     discriminator.pt   state_dict of the discriminator (GAN phases only)
     optimizers.pt      {"generator", "aux", "discriminator", "schedulers": {name: state}}
@@ -36,6 +36,7 @@ __all__ = [
     "latest_checkpoint",
     "load_checkpoint",
     "load_models",
+    "newest_complete_checkpoint",
     "ray_run_dir",
     "read_checkpoint_meta",
     "restore_rng_state",
@@ -73,6 +74,9 @@ def save_checkpoint(
         "world_size": len(rng_per_rank),
         "metrics": dict(metrics),
         "saved_at": time.time(),
+        # what a complete copy holds: a checkpoint uploaded by rank 0 but not yet registered
+        # by Ray Train when a worker died can be told from a half-copied one
+        "files": {p.name: p.stat().st_size for p in sorted(directory.glob("*.pt"))},
     }
     (directory / "meta.json").write_text(json.dumps(meta, indent=2))
 
@@ -220,3 +224,48 @@ def read_checkpoint_meta(directory: str | os.PathLike[str]) -> dict[str, Any]:
             f"format {CHECKPOINT_FORMAT}"
         )
     return meta
+
+
+def newest_complete_checkpoint(
+    run_dir: str, after_step: int
+) -> tuple[ray.train.Checkpoint, int] | None:
+    """The newest checkpoint folder in ``run_dir`` (a Ray Train run's storage folder, local
+    or a pyarrow URI) of a step after ``after_step`` whose files are all there at the sizes
+    its ``meta.json`` lists: ``(the checkpoint, its step)``, or None.
+
+    Ray Train registers a checkpoint only once every worker has reported it; a worker killed
+    between rank 0's upload and that moment leaves a complete checkpoint the restarted run
+    would not see, losing up to two intervals of work instead of one.
+    """
+    import pyarrow.fs as pafs
+
+    try:
+        fs, root = pafs.FileSystem.from_uri(run_dir)
+    except (pafs.ArrowInvalid, ValueError):
+        fs, root = pafs.LocalFileSystem(), str(Path(run_dir).resolve())
+    try:
+        entries = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    except OSError:
+        return None
+    steps = []
+    for entry in entries:
+        name = entry.base_name
+        if entry.type == pafs.FileType.Directory and name.startswith("checkpoint_"):
+            digits = name.removeprefix("checkpoint_")
+            if digits.isdigit() and int(digits) > after_step:
+                steps.append((int(digits), entry.path))
+    for step, path in sorted(steps, reverse=True):
+        try:
+            with fs.open_input_stream(f"{path}/meta.json") as f:
+                meta = json.loads(f.read().decode())
+            files = meta.get("files")
+            if meta.get("format") != CHECKPOINT_FORMAT or meta.get("step") != step or not files:
+                continue
+            infos = fs.get_file_info([f"{path}/{name}" for name in files])
+        except (OSError, ValueError):
+            continue
+        if all(i.type == pafs.FileType.File and i.size == files[i.base_name] for i in infos):
+            import ray.train
+
+            return ray.train.Checkpoint(path=path, filesystem=fs), step
+    return None

@@ -288,6 +288,7 @@ def run_phase(
             "log_every": cfg.log_every,
             "image_every": cfg.image_every,
             "checkpoint_every": cfg.checkpoint_every,
+            "ray_run_path": run_dir,
         }
         summary, ckpt = _fit(cfg, loop_config, datasets, storage, stage=stage, run_dir=run_dir)
 

@@ -5,6 +5,7 @@ its data shard, log, and report checkpoints (all ranks report; rank 0 carries th
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import tempfile
 import time
@@ -17,6 +18,7 @@ import torch
 from pipeline.train.checkpoint import (
     capture_rng_state,
     load_checkpoint,
+    newest_complete_checkpoint,
     restore_rng_state,
     save_checkpoint,
     seed_everything,
@@ -110,6 +112,19 @@ def _start(config: dict[str, Any]) -> _Run:
         phase.build_optimizers(models),
     )
     checkpoint = ray.train.get_checkpoint()
+    registered = _checkpoint_step(checkpoint)
+    newer = newest_complete_checkpoint(config["ray_run_path"], registered)
+    if newer is not None:
+        # uploaded by rank 0, never registered: a worker died before every rank reported it
+        checkpoint = newer[0]
+        if run.is_main:
+            _worker_log.info(
+                "[%s] the checkpoint of step %d is complete in storage but was not registered "
+                "(registered: %s): resuming from it",
+                config["run_name"],
+                newer[1],
+                registered if registered >= 0 else "none",
+            )
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             meta, rng = load_checkpoint(Path(d), phase, models, run.optimizers, device)
@@ -128,6 +143,14 @@ def _start(config: dict[str, Any]) -> _Run:
             phase.apply_init_weights(models, ray.get(config["init_weights"]))
         seed_everything(seed + 1_000_003 * (run.rank + 1))
     return run
+
+
+def _checkpoint_step(checkpoint: Any) -> int:
+    """The step of a registered checkpoint (-1: none)."""
+    if checkpoint is None:
+        return -1
+    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/meta.json") as f:
+        return int(json.loads(f.read().decode())["step"])
 
 
 def _ddp_models(run: _Run) -> PhaseModels:

@@ -102,6 +102,9 @@ class CodecPhase(TrainingPhase):
     step_log: str | None = None
     kill_at: int | None = None
     kill_marker: str | None = None
+    #: seconds between the checkpoint report and the kill (0: at once, before Ray Train may
+    #: have registered the checkpoint rank 0 just uploaded)
+    kill_delay_s: float = 0.0
     nan_at: int | None = None
 
     def build_models(self) -> PhaseModels:
@@ -124,7 +127,7 @@ class CodecPhase(TrainingPhase):
             and not os.path.exists(self.kill_marker)
         ):
             Path(self.kill_marker).touch()
-            time.sleep(3)  # lets Ray Train register the checkpoint rank 0 just reported
+            time.sleep(self.kill_delay_s)
             os._exit(1)
         x = batch.flatten(0, 1)
         return {"x": x, **models.generator(x)}
@@ -324,7 +327,9 @@ def test_killed_worker_resumes_gan_run_from_last_checkpoint(
     runs = _steps_by_pid(log, rank=0)
     assert len(runs) == 2, runs
     assert runs[0][:4] == [1, 2, 3, 4]
-    assert runs[1] == [5, 6]  # restarted from the step-4 checkpoint, not from step 0
+    # restarted from the step-4 checkpoint (killed at once: registered by Ray Train or not),
+    # not from step 2 or 0: the lost work is at most one checkpoint interval
+    assert runs[1] == [5, 6]
     assert result["steps"] == 6 and result["started_from_step"] == 4
     assert sorted(p.name for p in (tmp_path / "gan").iterdir()) == [
         "discriminator.pt",
@@ -494,3 +499,35 @@ def test_rng_state_survives_a_checkpoint_round_trip() -> None:
     buf.seek(0)
     restore_rng_state(torch.load(buf, weights_only=True))
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_newest_complete_checkpoint_skips_half_copied_ones(tmp_path: Path) -> None:
+    """A checkpoint rank 0 uploaded but Ray Train never registered is found when all its files
+    are there at the sizes its meta lists; a half-copied one is not."""
+    from pipeline.train.checkpoint import newest_complete_checkpoint
+
+    phase = CodecPhase()
+    models = phase.build_models()
+    optimizers = phase.build_optimizers(models)
+    run = tmp_path / "train_tiny"
+    for step in (2, 4, 6):
+        folder = run / f"checkpoint_{step:08d}"
+        folder.mkdir(parents=True)
+        save_checkpoint(
+            folder,
+            phase,
+            models,
+            optimizers,
+            step=step,
+            epoch=0,
+            rng_per_rank=[capture_rng_state()],
+            metrics={},
+        )
+    (run / "checkpoint_00000006" / "optimizers.pt").write_bytes(b"half")  # cut short
+    (run / "checkpoint_junk").mkdir()
+    found = newest_complete_checkpoint(str(run), after_step=2)
+    assert found is not None and found[1] == 4
+    with found[0].as_directory() as d:
+        assert json.loads((Path(d) / "meta.json").read_text())["step"] == 4
+    assert newest_complete_checkpoint(str(run), after_step=4) is None
+    assert newest_complete_checkpoint(str(tmp_path / "no_run"), after_step=-1) is None
