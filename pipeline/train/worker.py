@@ -17,6 +17,7 @@ import torch
 
 from pipeline.train.checkpoint import (
     capture_rng_state,
+    check_resumable,
     load_checkpoint,
     newest_complete_checkpoint,
     restore_rng_state,
@@ -112,9 +113,10 @@ def _start(config: dict[str, Any]) -> _Run:
         phase.build_optimizers(models),
     )
     checkpoint = ray.train.get_checkpoint()
-    registered = _checkpoint_step(checkpoint)
+    registered = _checkpoint_meta(checkpoint).get("step", -1)
     newer = newest_complete_checkpoint(config["ray_run_path"], registered)
     if newer is not None:
+        check_resumable(_checkpoint_meta(newer[0]), phase, newer[0].path)
         # uploaded by rank 0, never registered: a worker died before every rank reported it
         checkpoint = newer[0]
         if run.is_main:
@@ -145,12 +147,12 @@ def _start(config: dict[str, Any]) -> _Run:
     return run
 
 
-def _checkpoint_step(checkpoint: Any) -> int:
-    """The step of a registered checkpoint (-1: none)."""
+def _checkpoint_meta(checkpoint: Any) -> dict[str, Any]:
+    """A checkpoint's ``meta.json`` (``{}``: no checkpoint)."""
     if checkpoint is None:
-        return -1
+        return {}
     with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/meta.json") as f:
-        return int(json.loads(f.read().decode())["step"])
+        return dict(json.loads(f.read().decode()))
 
 
 def _ddp_models(run: _Run) -> PhaseModels:
