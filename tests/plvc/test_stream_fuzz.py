@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-CASES = 126
+CASES = 140
 SEED = 2026
 MAX_GROWTH_MIB = 256
 #: address space the decoding may add to what the set-up mapped (threads' stacks, buffers)
@@ -41,6 +41,7 @@ MUTATIONS = (
     "intra_config",
     "intra_fingerprint",
     "header_size",
+    "record_order",
 )
 
 
@@ -128,6 +129,42 @@ def _mutate(
     return header, records
 
 
+def _varint_size(value: int) -> int:
+    return max(1, (int(value).bit_length() + 6) // 7)
+
+
+def _reorder_records(rng: random.Random, data: bytes, records: list[Any]) -> bytes:
+    """Reorder, drop or repeat whole records in the raw bytes (our writer refuses a record
+    order the GOP does not allow; a forger does not use our writer), with a fresh CRC32."""
+    import zlib
+
+    from plvc.bitstream import FrameType, read_header
+
+    _, start = read_header(data)
+    spans, pos = [], start
+    for record in records:  # the record layout of docs/bitstream.md
+        size = 1 + sum(_varint_size(len(s)) + len(s) for s in record.strings)
+        if record.frame_type is FrameType.P:
+            size += sum(_varint_size(n) for n in record.shape)
+        spans.append(data[pos : pos + size])
+        pos += size
+    assert pos == len(data) - 4, "record layout differs from docs/bitstream.md"
+    change = rng.choice(["swap", "p_first", "drop", "repeat"])
+    if change == "swap":
+        a, b = rng.sample(range(len(spans)), 2)
+        spans[a], spans[b] = spans[b], spans[a]
+    elif change == "p_first":
+        p = rng.choice([i for i, r in enumerate(records) if r.frame_type is FrameType.P])
+        spans.insert(0, spans.pop(p))
+    elif change == "drop":
+        spans.pop(rng.randrange(len(spans)))
+    else:
+        at = rng.randrange(len(spans))
+        spans.insert(at, spans[at])
+    body = b"".join(spans)
+    return data[:start] + body + zlib.crc32(body).to_bytes(4, "little")
+
+
 def run_cases(folder: Path, cases: int, seed: int) -> dict[str, Any]:
     """Worker (run in a subprocess): encode a real clip, decode ``cases`` mutated streams."""
     import torch
@@ -153,12 +190,15 @@ def run_cases(folder: Path, cases: int, seed: int) -> dict[str, Any]:
     failures = []
     for case in range(cases):
         kind = MUTATIONS[case % len(MUTATIONS)]
-        new_header, new_records = _mutate(kind, rng, header, records)
-        try:
-            data = encode_container(new_header, new_records)
-        except PLVCError:
-            outcomes[f"{kind}: not writable"] += 1
-            continue
+        if kind == "record_order":
+            new_header, data = header, _reorder_records(rng, stream, records)
+        else:
+            new_header, new_records = _mutate(kind, rng, header, records)
+            try:
+                data = encode_container(new_header, new_records)
+            except PLVCError:
+                outcomes[f"{kind}: not writable"] += 1
+                continue
         try:
             decoded = decode_video(data, bundle.model, intra=bundle.intra)
         except PLVCError as exc:
