@@ -337,6 +337,28 @@ class TrainConfig(_Strict):
     heldout_clips: PosInt = 16
 
 
+class RateSearchSpec(_Strict):
+    """The bpp range an anchor's CRF/QP points must span, found by a short search on the
+    first frames of a few test sequences (:mod:`pipeline.eval.rate_search`)."""
+
+    #: ``[low, high]`` bpp: the learned codec's range, I-frames included
+    bpp: tuple[PosFloat, PosFloat]
+    points: int = Field(default=4, ge=2)
+    #: frames from the start of each searched sequence (0: one GOP)
+    frames: int = Field(default=0, ge=0)
+    sequences: PosInt = 4
+    #: CRF/QP interval searched (null: the codec's whole scale; required for external codecs)
+    values: tuple[int, int] | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> RateSearchSpec:
+        if self.bpp[0] >= self.bpp[1]:
+            raise ValueError(f"bpp must be [low, high] with low < high, got {list(self.bpp)}")
+        if self.values is not None and not 0 <= self.values[0] < self.values[1]:
+            raise ValueError(f"values must be [low, high], 0 <= low < high, got {self.values}")
+        return self
+
+
 class BaselineSpec(_Strict):
     """An anchor through ffmpeg (low-delay, the evaluation's GOP): x264, x265, vvenc (VVC) or
     svtav1 (AV1); rate controls and presets per codec in :mod:`pipeline.eval.baselines`. Or
@@ -345,13 +367,23 @@ class BaselineSpec(_Strict):
 
     codec: Literal["x264", "x265", "vvenc", "svtav1", "external"]
     rate_control: Literal["crf", "qp", "bpp"] = "crf"
-    points: list[float] = Field(min_length=1)
+    #: CRFs, QPs or target bpp; or none, and ``search`` picks CRF/QP values
+    points: list[float] = Field(default_factory=list)
+    search: RateSearchSpec | None = None
     #: null: the codec's default (x264/x265/vvenc ``medium``, SVT-AV1 ``8``)
     preset: str | None = None
     #: external codecs: the method name in the reports, and the command templates
     name: str | None = None
     encode: str | None = None
     decode: str | None = None
+
+    @model_validator(mode="after")
+    def _points_or_search(self) -> BaselineSpec:
+        if bool(self.points) == (self.search is not None):
+            raise ValueError("give either 'points' (a fixed list) or 'search' (a bpp range)")
+        if self.search is not None and self.rate_control == "bpp":
+            raise ValueError("'search' picks CRF/QP values: use rate_control crf or qp")
+        return self
 
 
 class YUVSequence(_Strict):

@@ -61,6 +61,7 @@ from torch import Tensor
 
 from pipeline.eval.external_anchor import ExternalCommands, code_external
 from pipeline.eval.metrics import EvaluationError, bits_per_pixel
+from pipeline.eval.rate_search import RateSearch
 
 __all__ = [
     "CODECS",
@@ -210,8 +211,10 @@ class BaselineConfig:
 
     codec: Codec = "x265"
     rate_control: RateControl = "crf"
-    #: CRFs, QPs or target bpp, by ``rate_control``
+    #: CRFs, QPs or target bpp, by ``rate_control``; empty when ``search`` picks them
     points: tuple[float, ...] = (37.0, 32.0, 27.0, 22.0)
+    #: pick the CRF/QP points from a short search (:mod:`pipeline.eval.rate_search`)
+    search: RateSearch | None = None
     #: an I-frame every ``gop_size`` frames: the same GOP as our codec
     gop_size: int = 9
     #: None: the codec's default (``medium``; SVT-AV1 ``8``)
@@ -272,8 +275,10 @@ class BaselineConfig:
                 f"evaluate.baselines: {self.codec}'s rate_control must be one of "
                 f"{', '.join(spec.rate_controls)}, got {self.rate_control!r}"
             )
-        if not self.points:
-            raise BaselineError("evaluate.baselines: points is empty")
+        if not self.points and self.search is None:
+            raise BaselineError(
+                f"evaluate.baselines ({self.codec}): give 'points' or a 'search' bpp range"
+            )
         top = spec.max_value
         if self.rate_control in ("crf", "qp") and not all(0 <= p <= top for p in self.points):
             raise BaselineError(

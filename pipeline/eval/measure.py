@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from pipeline.config import BaselineSpec, EvaluateConfig
     from pipeline.eval.baselines import BaselineConfig
 from pipeline.eval.models import INTRA_METHOD, CachedIntraCodec, PhaseModel, QualityModels
+from pipeline.eval.rate_search import RateSearch, resolve_rate_points
 from pipeline.eval.testset import CROP_MULTIPLE, TestSequence, TestSet
 from pipeline.eval.visuals import Visuals
 
@@ -418,6 +419,16 @@ def anchor_configs(
             codec=s.codec,
             rate_control=s.rate_control,
             points=tuple(float(p) for p in s.points),
+            search=None
+            if s.search is None
+            else RateSearch(
+                bpp_low=s.search.bpp[0],
+                bpp_high=s.search.bpp[1],
+                points=s.search.points,
+                frames=s.search.frames,
+                sequences=s.search.sequences,
+                values=s.search.values,
+            ),
             preset=s.preset,
             ffmpeg=None if ffmpeg is None else str(ffmpeg),
             name=s.name,
@@ -464,6 +475,7 @@ def evaluate_anchors(
     from pipeline.eval.baselines import CODECS, encode_decode, ffmpeg_version, find_ffmpeg
 
     check_anchors(configs)
+    configs, searches = resolve_rate_points(test_set, configs, gop=gop)
     if memory_budget is None:
         try:
             import psutil  # a Ray dependency, not one of ours
@@ -488,6 +500,8 @@ def evaluate_anchors(
                 "tune": cfg.tune if cfg.codec in ("x264", "x265") else None,
                 "ffmpeg": ffmpeg_version(find_ffmpeg(cfg.ffmpeg)),
             }
+        if cfg.method in searches:
+            source["rate_search"] = searches[cfg.method].describe()
         methods[(cfg.method, label)] = _Method(
             cfg.method, label, metric_set, chunk_pixels, **source
         )

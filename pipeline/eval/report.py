@@ -4,6 +4,7 @@ BD-rate table and ``reports/summary.md``.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Sequence
@@ -31,6 +32,7 @@ from pipeline.io import write_bytes_atomic
 __all__ = [
     "BD_METRICS",
     "ReportResult",
+    "anchor_points_lines",
     "build_report",
     "summary_metrics",
 ]
@@ -110,6 +112,32 @@ def _read_metrics_doc(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return doc if isinstance(doc, dict) else None
+
+
+def anchor_points_lines(sources_json: Path) -> list[str]:
+    """Markdown lines saying where each anchor's rate points came from: a fixed list, or
+    the rate search (its bpp range, what it reached, on which frames)."""
+    try:
+        methods = json.loads(sources_json.read_text())["methods"]
+    except (OSError, ValueError, KeyError):
+        return []
+    lines = ["## Anchor rate points", ""]
+    for method, by_point in methods.items():
+        labels = list(by_point)
+        search = next((s["rate_search"] for s in by_point.values() if "rate_search" in s), None)
+        if search is None:
+            lines.append(f"- {method}: {', '.join(labels)}, fixed in `evaluate.baselines`.")
+            continue
+        low, high = search["bpp_range"]
+        top, bottom = search["reached_bpp"]
+        lines.append(
+            f"- {method}: {', '.join(labels)}, chosen by a search for {low:g}-{high:g} bpp on "
+            f"the first {search['frames_per_sequence']} frames of "
+            f"{len(search['sequences'])} sequences ({len(search['probes'])} probes; the end "
+            f"points gave {top:.4f} and {bottom:.4f} bpp there)"
+            + ("." if search["covers_range"] else ": its scale does not reach the whole range.")
+        )
+    return [*lines, ""]
 
 
 def build_report(
@@ -252,10 +280,13 @@ def build_report(
         lines += ["## Anchor coverage", "", f"{reference} spans {lo:.4f} to {hi:.4f} bpp."]
         if outside:
             lines.append(
-                "Outside it (BD-rates cover only the overlap of two curves; add anchor rate "
-                "points to `evaluate.baselines` to cover these): " + ", ".join(outside) + "."
+                "Outside it (BD-rates cover only the overlap of two curves; give the anchor a "
+                "`search` bpp range or more points in `evaluate.baselines` to cover these): "
+                + ", ".join(outside)
+                + "."
             )
         lines.append("")
+    lines += anchor_points_lines(reports / "baselines" / "sources.json")
 
     columns = [key for m in _REPORT_METRICS if (key := _metric_present(points, m))]
     lines += ["## Rate-distortion points", ""]

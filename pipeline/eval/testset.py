@@ -168,11 +168,29 @@ class TestSet:
         for i, spec in enumerate(self.yuv):
             yield self.load_yuv(i, spec)
         for index in self._clip_indices:
-            item = self._shards[index]
-            frames = (item["frames"] * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-            name = f"vimeo/{item['clip_id']}"
-            cropped, box = _crop(frames, name, self.multiple)
-            yield TestSequence(name, "vimeo", cropped, 30.0, frames.shape[1:3], box)  # type: ignore[arg-type]
+            yield self._load_clip(index)
+
+    def _load_clip(self, index: int, frames: int | None = None) -> TestSequence:
+        item = self._shards[index]
+        rgb = (item["frames"][:frames] * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        name = f"vimeo/{item['clip_id']}"
+        cropped, box = _crop(rgb, name, self.multiple)
+        return TestSequence(name, "vimeo", cropped, 30.0, rgb.shape[1:3], box)  # type: ignore[arg-type]
+
+    def heads(self, frames: int, sequences: int) -> list[TestSequence]:
+        """The first ``frames`` frames of ``sequences`` sequences spread over the set (the
+        anchors' rate search): only those frames are read."""
+        from pipeline.data.datasets import spread_indices
+
+        picked = []
+        for index in spread_indices(len(self), min(sequences, len(self))):
+            if index < len(self.yuv):
+                spec = self.yuv[index]
+                head = spec.model_copy(update={"frames": min(frames, spec.frames)})
+                picked.append(self.load_yuv(index, head))
+            else:
+                picked.append(self._load_clip(self._clip_indices[index - len(self.yuv)], frames))
+        return picked
 
     def load_yuv(self, i: int, spec: YUVSequence) -> TestSequence:
         """Read ``evaluate.sequences[i]`` (raw ``.yuv`` of the given size, or ``.y4m``)."""

@@ -435,6 +435,39 @@ def test_anchors_on_the_same_frames(setup: dict[str, Any]) -> None:
     assert result.sequences[0]["crop_top"] == CROP[0]
 
 
+def test_searched_anchor_points_span_the_range_on_real_streams(
+    setup: dict[str, Any], tmp_path: Path
+) -> None:
+    """x264's CRFs from the rate search: measured on the searched frames (here the whole test
+    set), the first point's rate is above the range and the last one's below; sources.json
+    and the report say how they were chosen."""
+    from pipeline.eval.baselines import FFmpegNotFoundError, find_ffmpeg
+    from pipeline.eval.report import anchor_points_lines
+
+    try:
+        find_ffmpeg()
+    except FFmpegNotFoundError:
+        pytest.skip("no ffmpeg")
+    test_set = TestSet(setup["shards"] / "test", max_clips=2)
+    search = {"bpp": [0.1, 0.6], "points": 3, "frames": 7, "sequences": 2}
+    spec = BaselineSpec(codec="x264", search=search)
+    configs = anchor_configs([spec], None)
+    metric_set = MetricSet(MetricConfig(metrics=("psnr_rgb",)))
+    result = evaluate_anchors(test_set, configs, metric_set, gop=GOP, progress=False)
+    by_point = result.methods["x264"]
+    crfs = sorted(float(label.split("=")[1]) for label in by_point)
+    assert 2 <= len(crfs) <= 3
+    top, bottom = by_point[f"crf={crfs[0]:g}"], by_point[f"crf={crfs[-1]:g}"]
+    assert top["bpp"] >= 0.6 and bottom["bpp"] <= 0.1
+    files = write_evaluation(result, tmp_path / "baselines")
+    source = json.loads(files["sources"].read_text())["methods"]["x264"]
+    found = source[f"crf={crfs[0]:g}"]["rate_search"]
+    assert found["covers_range"] and found["points"] == crfs
+    assert len(found["sequences"]) == 2 and found["frames_per_sequence"] == 7
+    lines = "\n".join(anchor_points_lines(files["sources"]))
+    assert "chosen by a search for 0.1-0.6 bpp on the first 7 frames of 2 sequences" in lines
+
+
 def _points(
     method: str, rates: list[float], psnrs: list[float], points: list[str]
 ) -> list[RDPoint]:
