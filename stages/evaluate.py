@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     models = load_quality_models(params.paths.models, quality, device)
     sequences = load_test_set(params)
     out_dir = Path(params.paths.reports) / quality
-    logged = {"evaluate": cfg.model_dump(mode="json"), "quality": quality, "device": device}
+    evaluate = cfg.model_dump(mode="json", exclude={"baselines"})  # the anchors' stage logs those
+    logged = {"evaluate": evaluate, "quality": quality, "device": device}
     with stage_run("evaluate", params, logged_params=logged, run_name=f"evaluate-{quality}"):
         if models.missing_phases:
             print(f"note: no weights for phase(s) {', '.join(models.missing_phases)}", flush=True)

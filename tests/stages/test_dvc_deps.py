@@ -117,3 +117,15 @@ def test_walk_sees_lazy_imports() -> None:
     assert "pipeline/train/worker.py" in files
     assert "pipeline/data/training_clips.py" in files
     assert "plvc/generator.py" in files
+
+
+def test_evaluate_params_name_every_key_but_the_anchors() -> None:
+    """evaluate@q lists evaluate's keys one by one (so a change of the anchors re-runs only
+    evaluate_baselines): a key added to EvaluateConfig must be listed too, or changing it
+    would not re-run the evaluation."""
+    from pipeline.config import EvaluateConfig
+
+    params = _stages()["evaluate"]["params"]
+    listed = {p.split(".", 1)[1] for p in params if p.startswith("evaluate.")}
+    assert listed == set(EvaluateConfig.model_fields) - {"baselines"}
+    assert "evaluate" in _stages()["evaluate_baselines"]["params"]
