@@ -105,6 +105,9 @@ class AnchorEncoder:
     gop_per_stream: bool = False
     #: two-pass rate control in low delay (SVT-AV1: one-pass CBR only)
     two_pass: bool = True
+    #: smallest CRF / QP on the scale (SVT-AV1's CRF 0 is not the top quality: on the
+    #: sample it codes at 0.21 bpp where CRF 1 takes 2.3 bpp)
+    min_value: int = 0
 
 
 #: our codec name -> how ffmpeg runs it
@@ -128,7 +131,15 @@ CODECS: dict[str, AnchorEncoder] = {
         gop_per_stream=True,
     ),
     "svtav1": AnchorEncoder(
-        "libsvtav1", "obu", None, "-svtav1-params", ("crf", "bpp"), 63, "8", two_pass=False
+        "libsvtav1",
+        "obu",
+        None,
+        "-svtav1-params",
+        ("crf", "bpp"),
+        63,
+        "8",
+        two_pass=False,
+        min_value=1,
     ),
 }
 _PARAM = "evaluate.ffmpeg"
@@ -279,11 +290,11 @@ class BaselineConfig:
             raise BaselineError(
                 f"evaluate.baselines ({self.codec}): give 'points' or a 'search' bpp range"
             )
-        top = spec.max_value
-        if self.rate_control in ("crf", "qp") and not all(0 <= p <= top for p in self.points):
+        low, top = spec.min_value, spec.max_value
+        if self.rate_control in ("crf", "qp") and not all(low <= p <= top for p in self.points):
             raise BaselineError(
                 f"evaluate.baselines: {self.codec} {self.rate_control} values must be in "
-                f"0..{top}, got {self.points}"
+                f"{low}..{top}, got {self.points}"
             )
         if self.rate_control == "bpp" and not all(p > 0 for p in self.points):
             raise BaselineError(f"evaluate.baselines: target bpp must be > 0, got {self.points}")

@@ -130,7 +130,7 @@ def search_rate_points(
     if search.values is not None:
         low, high = search.values
     elif config.external is None:
-        low, high = 0, CODECS[config.codec].max_value
+        low, high = CODECS[config.codec].min_value, CODECS[config.codec].max_value
     else:
         raise EvaluationError(
             f"evaluate.baselines ({config.method}): an external codec's search needs "

@@ -57,11 +57,14 @@ def test_points_span_the_range_and_the_ends_are_tight() -> None:
     assert outcome.describe()["sequences"] == ["a", "b"]
 
 
-def test_a_range_beyond_the_codecs_scale_is_flagged() -> None:
+@pytest.mark.parametrize(("codec", "scale"), [("x264", (0, 51)), ("svtav1", (1, 63))])
+def test_a_range_beyond_the_codecs_scale_is_flagged(codec: str, scale: tuple[int, int]) -> None:
+    """The search stays on the codec's scale (SVT-AV1's CRF 0 is not its top quality)."""
     model = _Model()
-    config = BaselineConfig(codec="x264", points=(), search=RateSearch(1e-4, 500.0))
+    config = BaselineConfig(codec=codec, points=(), search=RateSearch(1e-4, 500.0))
     outcome = search_rate_points([_sequence("a")], config, config.search, gop=7, encode=model)
-    assert outcome.points[0] == 0 and outcome.points[-1] == 51
+    assert (outcome.points[0], outcome.points[-1]) == scale
+    assert min(outcome.probes) == scale[0]
     assert not outcome.covers and not outcome.describe()["covers_range"]
 
 
