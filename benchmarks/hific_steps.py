@@ -20,6 +20,7 @@ decode of the bytes, PNG) with one thread.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
@@ -114,7 +115,8 @@ def bench_training(args: argparse.Namespace, clips: list[np.ndarray]) -> None:
                         )
                     )
                     result = run_phase(
-                        phase,
+                        # --batch is per worker (weak scaling); batch_size is the global batch
+                        dataclasses.replace(phase, batch_size=phase.batch_size * workers),
                         params,
                         stage="bench",
                         run_name=f"bench-{preset}-{name}-{workers}",

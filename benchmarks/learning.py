@@ -389,6 +389,8 @@ def run_plvc(
     init: Path | None = None
     for name in ("single_p", "multi_p", "gan"):
         phase = build_phase(name, params, "low", intra_name=intra_name, intra_config=intra_config)
+        if args.plvc_batch:
+            phase = dataclasses.replace(phase, batch_size=args.plvc_batch)
         datasets = {
             "train": read_training_clips(
                 shards / "train",
@@ -484,6 +486,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--batch", type=int, default=8, help="images per step, both codecs")
+    parser.add_argument(
+        "--plvc-batch",
+        type=int,
+        default=4,
+        help="clips per PLVC step (4: the README figures; 0: params.yaml's global batch)",
+    )
     parser.add_argument("--test-clips", type=int, default=8)
     parser.add_argument("--skip-anchor", action="store_true")
     parser.add_argument("--skip-plvc", action="store_true")

@@ -164,7 +164,8 @@ def _ray_run(
         )
         started = time.perf_counter()
         result = run_phase(
-            dataclasses.replace(phase),
+            # --batch is per worker (weak scaling); batch_size is the global batch
+            dataclasses.replace(phase, batch_size=phase.batch_size * workers),
             params,
             stage="bench",
             run_name=f"bench-{model}-{name}-{workers}w",

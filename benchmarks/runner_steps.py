@@ -132,7 +132,8 @@ def main() -> None:
                 )
                 started = time.perf_counter()
                 result = run_phase(
-                    phase,
+                    # --batch is per worker (weak scaling); batch_size is the global batch
+                    dataclasses.replace(phase, batch_size=phase.batch_size * workers),
                     params,
                     stage="bench",
                     run_name=f"bench-{workers}w",

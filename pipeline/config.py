@@ -245,9 +245,13 @@ class HiFiCTrainConfig(_Strict):
     lr: PosFloat = 1e-4
     lr_d: PosFloat = 1e-4
     aux_lr: PosFloat = 1e-3
-    #: HiFiC steps (warm-up, then GAN counting on) at which G's learning rate is multiplied
-    #: by lr_gamma
+    #: steps at which G's learning rate is multiplied by lr_gamma (the release: [500000])
     lr_milestones: list[PosInt] = Field(default_factory=list)
+    #: the GAN phase's step count for lr_milestones and the loss's rate warm-up: "restart"
+    #: from 0, as the release does (its GAN run restores only the auto-encoder's weights, so
+    #: its global step, and with it the 50k-step rate warm-up and the lr decay, start over);
+    #: "continue" counting on from the warm-up's steps
+    gan_schedules: Literal["restart", "continue"] = "restart"
     lr_gamma: Annotated[float, Field(gt=0, le=1)] = 0.1
     batch_size: PosInt = 8
     crop: PosInt = 256

@@ -168,7 +168,8 @@ class TrainingPhase(ABC):
 
     #: phase name stored in checkpoints (resuming another phase's run is refused)
     name: ClassVar[str] = "phase"
-    #: clips per worker per step
+    #: clips per optimizer step over all workers (the global batch, as in the paper); each
+    #: of the N data-parallel workers takes ``batch_size / N`` (the runner checks it divides)
     batch_size: int = 4
     #: rows buffered for Ray Data's local shuffle (0: stream in order)
     shuffle_buffer_rows: int = 0

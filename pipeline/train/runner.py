@@ -220,6 +220,12 @@ def run_phase(
         raise RunnerError(
             f"phase {phase.name!r}: batch_size must be positive, got {phase.batch_size}"
         )
+    if phase.batch_size % cfg.num_workers:
+        raise RunnerError(
+            f"phase {phase.name!r}: batch_size {phase.batch_size} is the global batch (clips "
+            f"per step over all workers) and must be a multiple of runner.num_workers "
+            f"({cfg.num_workers}): each worker takes an equal share"
+        )
     storage = resolve_storage_path(cfg.storage_path, repo_root())
     run_dir = ray_run_dir(storage, run_name)
     export_dir = Path(export_dir)

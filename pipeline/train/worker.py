@@ -83,6 +83,11 @@ class _Run:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def local_batch(self) -> int:
+        """This worker's share of the global batch (the runner checked that it divides)."""
+        return self.phase.batch_size // self.world
+
 
 def _start(config: dict[str, Any]) -> _Run:
     """Build the phase's models and optimizers on this worker's device, then resume from Ray's
@@ -197,7 +202,7 @@ class _Window:
         metrics = {f"train/{k}": v for k, v in averager.pop(all_reduce=run.multi).items()}
         elapsed = time.perf_counter() - self.start
         perf = torch.tensor(
-            [self.steps * run.phase.batch_size / elapsed, self.data_wait / elapsed],
+            [self.steps * run.local_batch / elapsed, self.data_wait / elapsed],
             dtype=torch.float64,
             device=run.device,
         )
@@ -233,7 +238,7 @@ def _epoch_batches(run: _Run, shard: Any) -> Iterator[Any]:
     phase, seed = run.phase, run.config["seed"]
     return iter(
         shard.iter_batches(
-            batch_size=phase.batch_size,
+            batch_size=run.local_batch,
             batch_format="numpy",
             drop_last=True,
             prefetch_batches=2,
@@ -318,8 +323,8 @@ def _train_worker_inner(config: dict[str, Any]) -> dict[str, Any]:
             if batches_this_epoch == 0:
                 raise NoFullBatchError(
                     f"dataset 'train' gives worker {run.rank} no full batch of "
-                    f"{phase.batch_size} clips ({run.world} workers share it): add clips or "
-                    "lower the batch size"
+                    f"{run.local_batch} clips (its share of batch_size {phase.batch_size}; "
+                    f"{run.world} workers share the split): add clips or lower the batch size"
                 )
             run.epoch += 1
     return {

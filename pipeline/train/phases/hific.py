@@ -21,8 +21,9 @@ the same windows in every epoch. With ``frames_per_clip = 7`` the batch holds al
 each clip.
 
 The loss's own warm-up schedule (the release's first 50k steps: raised rate target, halved
-rate weight; :class:`~plvc.hific_losses.HiFiCLossWeights`) counts the steps of both phases
-(``step_offset`` of the GAN phase = the warm-up's steps).
+rate weight; :class:`~plvc.hific_losses.HiFiCLossWeights`) and the LR milestones start over in
+the GAN phase, as in the release (``hific.gan_schedules: restart``), or count on from the
+warm-up's steps (``continue``: ``step_offset`` of the GAN phase = the warm-up's steps).
 
 LPIPS (``k_p > 0``) needs AlexNet weights that cannot be downloaded here:
 ``hific.lpips_backbone`` names a torchvision AlexNet state dict (``alexnet-owt-*.pth``);
@@ -417,7 +418,11 @@ def hific_phases(params: Params, quality: str) -> tuple[HiFiCWarmupPhase, HiFiCG
     }
     warmup = HiFiCWarmupPhase(**common)
     gan = (
-        HiFiCGANPhase(**common, lr_d=cfg.lr_d, step_offset=cfg.warmup_steps)
+        HiFiCGANPhase(
+            **common,
+            lr_d=cfg.lr_d,
+            step_offset=cfg.warmup_steps if cfg.gan_schedules == "continue" else 0,
+        )
         if cfg.gan_steps > 0
         else None
     )

@@ -294,8 +294,17 @@ def test_phases_from_params() -> None:
     assert warmup.model == TINY and warmup.batch_size == 3 and warmup.step_offset == 0
     assert warmup.crop == 128 and warmup.random_flip == params.data.random_flip
     assert warmup.loss.target_bpp == 0.1 and warmup.loss.lambda_b == 0.5 and not warmup.uses_lpips
-    assert gan is not None and gan.step_offset == 40 and gan.lr_d == 5e-5
+    # the release's GAN run starts its step count over: rate warm-up and lr decay re-applied
+    assert gan is not None and gan.step_offset == 0 and gan.lr_d == 5e-5
     assert warmup.config()["loss"]["k_p"] == 0.0  # JSON settings compared on resume
+    for schedules, offset, lr in (("restart", 0, 1e-4), ("continue", 40, 1e-5)):
+        hific = params.hific.model_copy(
+            update={"gan_schedules": schedules, "lr_milestones": [30], "lr": 1e-4}
+        )
+        _, later = hific_phases(params.model_copy(update={"hific": hific}), "low")
+        assert later is not None and later.step_offset == offset
+        optimizers = later.generator_optimizers(later.build_models())
+        assert optimizers.generator.param_groups[0]["lr"] == pytest.approx(lr)
     no_gan = params.model_copy(update={"hific": params.hific.model_copy(update={"gan_steps": 0})})
     assert hific_phases(no_gan, "low")[1] is None
     with pytest.raises(ConfigError, match="no entry for quality 'high'"):

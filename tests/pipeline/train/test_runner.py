@@ -89,7 +89,7 @@ def _rank() -> int:
 class CodecPhase(TrainingPhase):
     """Rate-distortion training of :class:`TinyCodec`, optionally adversarial.
 
-    Test hooks: ``step_log`` gets "pid rank step" per step; rank 1 exits once at
+    Test hooks: ``step_log`` gets "pid rank step clips" per step; rank 1 exits once at
     ``kill_at`` (remembered by ``kill_marker``); rank 1's MSE is NaN at ``nan_at``.
     """
 
@@ -119,7 +119,7 @@ class CodecPhase(TrainingPhase):
     def forward(self, models: PhaseModels, batch: Tensor, step: int) -> dict[str, Any]:
         if self.step_log:
             with open(self.step_log, "a") as f:
-                f.write(f"{os.getpid()} {_rank()} {step}\n")
+                f.write(f"{os.getpid()} {_rank()} {step} {batch.shape[0]}\n")
         if (
             step == self.kill_at
             and _rank() == 1
@@ -197,7 +197,7 @@ def _steps_by_pid(log: Path, rank: int) -> list[list[int]]:
     """Steps logged by ``rank``, one list per worker process, in start order."""
     runs: dict[str, list[int]] = defaultdict(list)
     for line in log.read_text().splitlines():
-        pid, r, step = line.split()
+        pid, r, step, _ = line.split()
         if int(r) == rank:
             runs[pid].append(int(step))
     return list(runs.values())
@@ -271,6 +271,8 @@ def test_run_exports_logs_and_a_rerun_resumes(tmp_path: Path, datasets: dict[str
         )
     runs = _steps_by_pid(log, rank=0)
     assert [r[0] for r in runs] == [1, 5] and runs[1][-1] == 6
+    # batch_size 2 is the global batch: each of the 2 workers took 1 clip per step
+    assert {line.split()[3] for line in log.read_text().splitlines()} == {"1"}
     assert second["steps"] == 6 and second["started_from_step"] == 4
 
     # a run already at max_steps is only exported again: no worker starts
@@ -301,6 +303,39 @@ def test_run_exports_logs_and_a_rerun_resumes(tmp_path: Path, datasets: dict[str
             max_steps=8,
             init_weights=None,
             export_dir=export,
+        )
+    mlflow.set_tracking_uri(None)
+
+
+@pytest.mark.ray
+def test_one_worker_takes_the_whole_global_batch(tmp_path: Path, datasets: dict[str, Any]) -> None:
+    """batch_size means clips per step over all workers (the paper's batch): one worker takes
+    all of it, and a batch the workers cannot share equally is refused before any start."""
+    log = tmp_path / "steps.log"
+    run_phase(
+        CodecPhase(batch_size=2, step_log=str(log)),
+        _params(tmp_path, num_workers=1),
+        stage="train_tiny",
+        run_name="train_tiny-one",
+        datasets=datasets,
+        max_steps=2,
+        init_weights=None,
+        export_dir=tmp_path / "export",
+    )
+    assert [line.split()[1:] for line in log.read_text().splitlines()] == [
+        ["0", "1", "2"],
+        ["0", "2", "2"],
+    ]
+    with pytest.raises(RunnerError, match=r"batch_size 3 is the global batch.*num_workers \(2\)"):
+        run_phase(
+            CodecPhase(batch_size=3),
+            _params(tmp_path),
+            stage="train_tiny",
+            run_name="train_tiny-uneven",
+            datasets=datasets,
+            max_steps=2,
+            init_weights=None,
+            export_dir=tmp_path / "uneven",
         )
     mlflow.set_tracking_uri(None)
 
