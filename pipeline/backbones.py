@@ -25,6 +25,7 @@ __all__ = [
     "build_lpips",
     "default_alexnet_path",
     "default_inception_path",
+    "load_flow_weights",
     "load_inception",
     "load_lpips",
     "load_lpips_trunk",
@@ -108,6 +109,26 @@ def load_lpips_trunk(path: str | Path | None, param: str) -> dict[str, Tensor]:
             )
         out[key] = value.float()
     return out
+
+
+def load_flow_weights(path: str | Path, param: str) -> Mapping[str, Any]:
+    """A pretrained optical-flow checkpoint (a SpyNet port's state dict, see
+    :func:`plvc.flow.spynet_state_dict`), read on the driver. Raises
+    :class:`MissingWeightsError` naming ``param`` when the file is missing or unreadable."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise MissingWeightsError(
+            f"{param} = {str(path)!r}: no such file (pretrained SpyNet weights, e.g. "
+            "sniklaus/pytorch-spynet's network-sintel-final.pytorch). Set it to null to learn "
+            "the flow from scratch in the flow warm-up (train.single_p.flow_steps)"
+        )
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise MissingWeightsError(f"{param} = {str(path)!r}: cannot read it: {exc}") from exc
+    if not isinstance(state, Mapping):
+        raise MissingWeightsError(f"{param} = {str(path)!r}: not a state dict")
+    return state
 
 
 def build_lpips(trunk: Mapping[str, Tensor] | None = None, *, seed: int = 0) -> nn.Module:

@@ -299,6 +299,9 @@ class SinglePConfig(PhaseSchedule):
     flow_steps: NonNegInt = 0
     #: then steps adding motion compensation, before the whole model
     mc_steps: NonNegInt = 0
+    #: a pretrained SpyNet (sniklaus/pytorch-spynet, BasicSR or MMagic state dict) to start
+    #: the flow network from; None: from scratch (the flow warm-up then learns it)
+    flow_weights: Path | None = None
 
 
 class MultiPConfig(PhaseSchedule):

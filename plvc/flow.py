@@ -10,13 +10,16 @@ OpenCV's ``calcOpticalFlow*(x_i, x_ref)`` (e.g. DIS) returns a flow in this conv
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["FlowLevel", "PyramidFlow", "pixel_grid", "warp"]
+from plvc.errors import WeightsError
+
+__all__ = ["SPYNET_LEVELS", "FlowLevel", "PyramidFlow", "pixel_grid", "spynet_state_dict", "warp"]
 
 
 def pixel_grid(height: int, width: int, device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -138,6 +141,23 @@ class PyramidFlow(nn.Module):
         flows[-1] = flows[-1][..., :height, :width]
         return flows
 
+    def load_spynet(self, state: Mapping[str, Tensor]) -> None:
+        """Start from a pretrained SpyNet (see :func:`spynet_state_dict`); raises
+        :class:`~plvc.errors.WeightsError` naming what differs when the sizes do not fit."""
+        converted = spynet_state_dict(state, self.levels)
+        own = self.state_dict()
+        for key, value in own.items():
+            if key not in converted or converted[key].shape != value.shape:
+                got = tuple(converted[key].shape) if key in converted else "nothing"
+                raise WeightsError(
+                    f"SpyNet weights do not fit this flow network: {key} is {tuple(value.shape)}, "
+                    f"the weights give {got} (SpyNet: 7x7 convs 8-32-64-32-16-2 per level)"
+                )
+        extra = sorted(set(converted) - set(own))
+        if extra:
+            raise WeightsError(f"SpyNet weights have layers this flow network lacks: {extra[:4]}")
+        self.load_state_dict(converted)
+
     def pyramid(self, image: Tensor) -> list[Tensor]:
         """Average-pool pyramid of ``image`` padded to :attr:`multiple`, coarsest first."""
         height, width = image.shape[-2:]
@@ -148,3 +168,92 @@ class PyramidFlow(nn.Module):
         for _ in range(self.levels - 1):
             levels.insert(0, F.avg_pool2d(levels[0], 2))
         return levels
+
+
+#: levels of a pretrained SpyNet (Ranjan & Black 2017; the PyTorch ports' ``Basic`` modules)
+SPYNET_LEVELS = 6
+
+# SpyNet's inputs are RGB normalised with ImageNet's mean and std; ours are RGB in [0, 1]
+_SPYNET_MEAN = (0.485, 0.456, 0.406)
+_SPYNET_STD = (0.229, 0.224, 0.225)
+
+# sniklaus/pytorch-spynet (``moduleBasic``, renamed ``netBasic``), BasicSR
+# (``basic_module.<i>.basic_module.<j>``) and MMEditing/MMagic (``...<j>.conv``)
+_SPYNET_KEY = re.compile(
+    r"^(?:(?:module|net)Basic|basic_module)\.(\d+)\."
+    r"(?:(?:module|net)Basic|basic_module)\.(\d+)\.(?:conv\.)?(weight|bias)$"
+)
+
+
+def spynet_state_dict(state: Mapping[str, Tensor], levels: int) -> dict[str, Tensor]:
+    """A pretrained SpyNet's weights as a :class:`PyramidFlow` state dict of ``levels`` levels.
+
+    ``state`` is the state dict of one of SpyNet's PyTorch ports (sniklaus/pytorch-spynet's
+    ``network-*.pytorch``, BasicSR's or MMagic's ``spynet_*.pth``; a ``params``/``state_dict``
+    wrapper and a ``spynet.`` or ``module.`` prefix are accepted): six levels of 7x7 convs
+    8-32-64-32-16-2, whose inputs are ``[target, warped ref, flow]`` with the images
+    normalised by ImageNet's mean and std. The conversion is exact up to the borders: the
+    two image blocks of each first conv are swapped to our ``[warped ref, target, flow]``
+    order and the normalisation is folded into its weights and bias, so the network takes
+    RGB in [0, 1] (the folded conv zero-pads in [0, 1] where SpyNet zero-pads normalised
+    values, which changes the outermost 3 pixels of each level's first layer). The finest
+    ``levels`` levels are kept: a 5-level pyramid (the paper's) drops SpyNet's coarsest.
+
+    Raises :class:`~plvc.errors.WeightsError` when ``state`` is not a SpyNet or does not
+    fit: the message says which key or shape is wrong.
+    """
+    for wrapper in ("params", "state_dict"):
+        if wrapper in state and isinstance(state[wrapper], Mapping):
+            state = state[wrapper]
+    found: dict[tuple[int, int, str], Tensor] = {}
+    for key, value in state.items():
+        name = key
+        for prefix in ("module.", "spynet."):
+            name = name.removeprefix(prefix)
+        match = _SPYNET_KEY.match(name)
+        if match is None:
+            continue
+        if not isinstance(value, Tensor):
+            raise WeightsError(f"SpyNet weights: {key!r} is not a tensor")
+        found[(int(match[1]), int(match[2]), match[3])] = value.detach().float()
+    if not found:
+        sample = ", ".join(list(state)[:3]) or "none"
+        raise WeightsError(
+            "not a SpyNet state dict: no key like 'netBasic.0.netBasic.0.weight' or "
+            f"'basic_module.0.basic_module.0.weight' (first keys: {sample})"
+        )
+    available = sorted({level for level, _, _ in found})
+    if available != list(range(len(available))):
+        raise WeightsError(f"SpyNet weights: levels {available} are not 0..n-1")
+    if not 1 <= levels <= len(available):
+        raise WeightsError(
+            f"SpyNet weights have {len(available)} levels; a {levels}-level flow network "
+            "cannot take them"
+        )
+    convs = sorted({conv for _, conv, _ in found})
+    mean = torch.tensor(_SPYNET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(_SPYNET_STD).view(1, 3, 1, 1)
+    out: dict[str, Tensor] = {}
+    for ours, theirs in enumerate(available[len(available) - levels :]):
+        # our Sequential interleaves ReLUs (convs at 0, 2, 4, ...); MMagic numbers convs only
+        for rank, conv in enumerate(convs):
+            try:
+                weight = found[(theirs, conv, "weight")].clone()
+                bias = found[(theirs, conv, "bias")].clone()
+            except KeyError as exc:
+                raise WeightsError(
+                    f"SpyNet weights: level {theirs} conv {conv} has no {exc.args[0][2]}"
+                ) from exc
+            if conv == convs[0]:
+                if weight.shape[1] != 8:
+                    raise WeightsError(
+                        f"SpyNet weights: level {theirs}'s first conv takes {weight.shape[1]} "
+                        "channels, not 8 (target, warped reference, flow)"
+                    )
+                target, warped, flow = weight[:, :3], weight[:, 3:6], weight[:, 6:]
+                target, warped = target / std, warped / std
+                bias = bias - ((target + warped) * mean).sum(dim=(1, 2, 3))
+                weight = torch.cat([warped, target, flow], dim=1)
+            out[f"level_nets.{ours}.net.{2 * rank}.weight"] = weight
+            out[f"level_nets.{ours}.net.{2 * rank}.bias"] = bias
+    return out

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -24,3 +25,25 @@ def ray_local() -> Iterator[None]:
         yield
     finally:
         shutdown_ray()
+
+
+@pytest.fixture(scope="session")
+def spynet_weights() -> Callable[..., dict]:
+    """``make(seed, levels=6)``: random weights laid out like a pretrained SpyNet file
+    (sniklaus/pytorch-spynet's ``network-*.pytorch``: 7x7 convs 8-32-64-32-16-2 per level)."""
+    import torch
+
+    widths = (8, 32, 64, 32, 16, 2)
+
+    def make(seed: int, levels: int = 6) -> dict:
+        generator = torch.Generator().manual_seed(seed)
+        state = {}
+        for level in range(levels):
+            for rank, (cin, cout) in enumerate(itertools.pairwise(widths)):
+                key = f"netBasic.{level}.netBasic.{2 * rank}"
+                weight = torch.randn(cout, cin, 7, 7, generator=generator) * 0.02
+                state[f"{key}.weight"] = weight
+                state[f"{key}.bias"] = torch.randn(cout, generator=generator) * 0.02
+        return state
+
+    return make

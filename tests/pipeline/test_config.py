@@ -137,4 +137,6 @@ def test_full_setting_uses_paper_sizes() -> None:
     full = load_params(REPO / "params-full.yaml")
     assert full.train.model == "paper" and full.hific.preset == "paper"
     assert full.train.multi_p.num_pframes == 6 and full.evaluate.gop == 9
+    # the GAN phase as the release trained the published models: its loss on 4 P-frames
+    assert full.train.gan.loss == "official" and full.train.gan.num_pframes == 4
     assert full.runner.use_gpu

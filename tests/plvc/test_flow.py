@@ -104,3 +104,91 @@ def test_pyramid_flow_learns_a_global_shift() -> None:
     interior = flow[..., 4:-4, 4:-4]
     assert abs(interior[:, 0].mean().item() - 1.0) < 0.3
     assert abs(interior[:, 1].mean().item()) < 0.3
+
+
+# -- pretrained SpyNet -----------------------------------------------------------------------
+
+_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+
+def _spynet_reference(state: dict, pyramid: PyramidFlow, ref, target) -> torch.Tensor:
+    """SpyNet's own level computation on OUR pyramid and warp: ImageNet-normalised images in
+    the order [target, warped ref, flow], each conv on its SpyNet weights (the first one on
+    zero-padded [0, 1] images, which is what the folded conv sees at the borders)."""
+    levels = pyramid.levels
+    first = 6 - levels
+    refs, targets = pyramid.pyramid(ref), pyramid.pyramid(target)
+    flow = refs[0].new_zeros((ref.shape[0], 2, *refs[0].shape[-2:]))
+    for level in range(levels):
+        if level > 0:
+            flow = 2.0 * torch.nn.functional.interpolate(
+                flow, scale_factor=2.0, mode="bilinear", align_corners=False
+            )
+        warped = warp(refs[level], flow)
+        padded = [torch.nn.functional.pad(t, (3, 3, 3, 3)) for t in (targets[level], warped)]
+        x = torch.cat(
+            [(p - _MEAN) / _STD for p in padded] + [torch.nn.functional.pad(flow, (3, 3, 3, 3))],
+            dim=1,
+        )
+        for rank in range(5):
+            key = f"netBasic.{first + level}.netBasic.{2 * rank}"
+            x = torch.nn.functional.conv2d(
+                x, state[f"{key}.weight"], state[f"{key}.bias"], padding=0 if rank == 0 else 3
+            )
+            if rank < 4:
+                x = torch.relu(x)
+        flow = flow + x
+    return flow[..., : ref.shape[-2], : ref.shape[-1]]
+
+
+@pytest.mark.parametrize("levels", [5, 6])
+def test_spynet_weights_compute_spynets_flow_on_unnormalised_rgb(
+    levels: int, spynet_weights
+) -> None:
+    """A user starts the flow net from a pretrained SpyNet (train.single_p.flow_weights):
+    with the channel order swapped and the normalisation folded in, our network on [0, 1]
+    RGB computes exactly what SpyNet computes on its normalised inputs."""
+    state = spynet_weights(0)
+    net = PyramidFlow(levels=levels)
+    net.load_spynet(state)
+    torch.manual_seed(1)
+    ref, target = torch.rand(1, 3, 48, 80), torch.rand(1, 3, 48, 80)
+    with torch.no_grad():
+        ours = net(ref, target)
+        expected = _spynet_reference(state, net, ref, target)
+    assert ours.abs().mean() > 1e-3  # no longer the zero flow of a fresh network
+    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_spynet_checkpoint_layouts_of_every_port_load_the_same(spynet_weights) -> None:
+    """sniklaus's old (moduleBasic) and new (netBasic) keys, BasicSR's wrapped params and
+    MMagic's ConvModules (convs numbered 0-4) give the same network."""
+    from plvc.flow import spynet_state_dict
+
+    state = spynet_weights(2)
+    old = {k.replace("net", "module"): v for k, v in state.items()}
+    basicsr = {"params": {k.replace("netBasic", "basic_module"): v for k, v in state.items()}}
+    mmagic = {}
+    for key, value in state.items():
+        level, _, conv, kind = key.split(".")[1:]
+        mmagic[f"spynet.basic_module.{level}.basic_module.{int(conv) // 2}.conv.{kind}"] = value
+    expected = spynet_state_dict(state, 5)
+    for layout in (old, basicsr, mmagic):
+        got = spynet_state_dict(layout, 5)
+        assert got.keys() == expected.keys()
+        for key in expected:
+            assert torch.equal(got[key], expected[key]), key
+
+
+def test_spynet_weights_that_do_not_fit_are_refused_by_name(spynet_weights) -> None:
+    from plvc.errors import WeightsError
+    from plvc.flow import spynet_state_dict
+
+    tiny = PyramidFlow(levels=3, widths=(8, 16, 8, 8), kernel_size=5)
+    with pytest.raises(WeightsError, match=r"level_nets\.0\.net\.0\.weight is \(8, 8, 5, 5\)"):
+        tiny.load_spynet(spynet_weights(0))
+    with pytest.raises(WeightsError, match=r"not a SpyNet state dict.*conv1\.weight"):
+        spynet_state_dict({"conv1.weight": torch.zeros(1)}, 5)
+    with pytest.raises(WeightsError, match="have 4 levels; a 5-level"):
+        spynet_state_dict(spynet_weights(0, levels=4), 5)

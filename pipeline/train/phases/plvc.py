@@ -36,7 +36,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from pipeline.backbones import MissingWeightsError, build_lpips, load_lpips_trunk
+from pipeline.backbones import (
+    MissingWeightsError,
+    build_lpips,
+    load_flow_weights,
+    load_lpips_trunk,
+)
 from pipeline.config import Params
 from pipeline.images import image_grid
 from pipeline.train.phase import (
@@ -60,6 +65,8 @@ from pipeline.train.phases.plvc_models import (
     rpm_parameters,
 )
 from plvc.discriminator import DiscriminatorConfig
+from plvc.errors import WeightsError
+from plvc.flow import PyramidFlow
 from plvc.generator import PLVC, PLVCConfig
 from plvc.losses import (
     GeneratorLossOptions,
@@ -83,6 +90,7 @@ __all__ = [
 
 #: the param naming the AlexNet weights of the official GAN loss's LPIPS term
 LPIPS_PARAM = "train.gan.lpips_backbone"
+FLOW_PARAM = "train.single_p.flow_weights"
 
 
 #: phase name -> (stage, params section, previous phase whose export it starts from)
@@ -315,6 +323,8 @@ class SinglePPhase(PLVCPhase):
 
     flow_steps: int = 0
     mc_steps: int = 0
+    #: a pretrained SpyNet to start the flow network from (None: from scratch)
+    flow_weights: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -322,6 +332,22 @@ class SinglePPhase(PLVCPhase):
             raise RunnerError("the single-P phase codes exactly one P-frame (num_pframes=1)")
         if self.flow_steps < 0 or self.mc_steps < 0:
             raise RunnerError("train.single_p.flow_steps and mc_steps must be >= 0")
+        self._flow_state: dict[str, Tensor] | None = None
+        if self.flow_weights is not None:
+            # converted and checked here, on the driver; the weights travel with the
+            # pickled phase, so workers on other nodes need not see the file
+            cfg = self.plvc_config
+            flow = PyramidFlow(cfg.flow_levels, cfg.flow_widths, cfg.flow_kernel)
+            try:
+                flow.load_spynet(load_flow_weights(self.flow_weights, FLOW_PARAM))
+            except MissingWeightsError as exc:
+                raise RunnerError(str(exc)) from None
+            except WeightsError as exc:
+                raise RunnerError(
+                    f"{FLOW_PARAM} = {self.flow_weights!r}: {exc}. SpyNet's sizes are "
+                    "train.model 'paper''s flow network"
+                ) from None
+            self._flow_state = flow.state_dict()
 
     @property
     def find_unused_parameters(self) -> bool:  # type: ignore[override]
@@ -329,7 +355,11 @@ class SinglePPhase(PLVCPhase):
         return self.flow_steps + self.mc_steps > 0
 
     def build_models(self) -> PhaseModels:
-        return PhaseModels(self._generator())
+        generator = self._generator()
+        if self._flow_state is not None:
+            # a fresh start only matters: on resume the checkpoint overwrites these
+            generator.plvc.motion_estimation.load_state_dict(self._flow_state)
+        return PhaseModels(generator)
 
     def warmup_stage(self, step: int) -> str:
         """The sub-phase of (1-based) ``step``: ``"flow"``, ``"mc"`` or ``"full"``."""
@@ -623,7 +653,11 @@ def build_phase(
                 f"be below train.single_p.steps ({cfg.steps}): eq. 4 itself needs steps"
             )
         return SinglePPhase(
-            **common, num_pframes=1, flow_steps=cfg.flow_steps, mc_steps=cfg.mc_steps
+            **common,
+            num_pframes=1,
+            flow_steps=cfg.flow_steps,
+            mc_steps=cfg.mc_steps,
+            flow_weights=str(cfg.flow_weights) if cfg.flow_weights is not None else None,
         )
     if phase == "multi_p":
         return MultiPPhase(**common, num_pframes=params.train.multi_p.num_pframes)

@@ -222,6 +222,37 @@ def test_single_p_warmup_trains_only_its_sub_phase_weights() -> None:
     assert not any(p.requires_grad for p in plvc.motion_entropy.rpm.parameters())
 
 
+def test_single_p_starts_its_flow_net_from_spynet_weights(tmp_path: Path, spynet_weights) -> None:
+    """train.single_p.flow_weights: the paper model's flow net starts from a pretrained
+    SpyNet. The weights are read on the driver and travel with the pickled phase (a worker on
+    another node never opens the file); a missing file or a model they do not fit is a
+    RunnerError naming the param."""
+    from plvc.flow import spynet_state_dict
+
+    file = tmp_path / "network-sintel-final.pytorch"
+    torch.save(spynet_weights(0), file)
+    single_p = SinglePConfig(steps=10, lr=1e-4, flow_steps=2, flow_weights=file)
+    phase = build_phase(
+        "single_p", Params(train=TrainConfig(model="paper", single_p=single_p)), "low"
+    )
+    file.unlink()  # what a worker sees: no file, only the pickled phase
+    worker_phase = pickle.loads(pickle.dumps(phase))
+    flow = worker_phase.build_models().generator.plvc.motion_estimation
+    expected = spynet_state_dict(spynet_weights(0), levels=5)
+    assert flow.state_dict().keys() == expected.keys()
+    for key, value in flow.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+    ref = torch.rand(1, 3, 64, 64)
+    assert flow(ref, ref.roll(2, dims=-1)).abs().mean() > 1e-3  # not the untrained zero flow
+
+    with pytest.raises(RunnerError, match=r"train\.single_p\.flow_weights = .*no such file"):
+        build_phase("single_p", Params(train=TrainConfig(model="paper", single_p=single_p)), "low")
+    torch.save(spynet_weights(0), file)
+    tiny = TrainConfig(model="tiny", single_p=single_p)
+    with pytest.raises(RunnerError, match=r"train\.single_p\.flow_weights = .*do not fit"):
+        build_phase("single_p", Params(train=tiny), "low")
+
+
 def test_multi_p_gradient_of_the_last_frame_reaches_the_first_frame() -> None:
     """Eq. 5 trains through the recurrence: the LAST P-frame's loss depends on the FIRST
     P-frame's input (only through x̂_1 and the ConvLSTM/RPM states carried from it)."""
