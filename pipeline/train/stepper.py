@@ -117,7 +117,9 @@ class PhaseStepper:
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=self.autocast_dtype)
+        # the models' device: the runner autocasts on GPU only, a benchmark may on CPU
+        device = next(unwrap(self.models.generator).parameters()).device
+        return torch.autocast(device.type, dtype=self.autocast_dtype)
 
     def forward(self, batch: Any, step: int) -> Any:
         with self._autocast():

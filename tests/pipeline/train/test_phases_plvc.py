@@ -253,6 +253,24 @@ def test_single_p_starts_its_flow_net_from_spynet_weights(tmp_path: Path, spynet
         build_phase("single_p", Params(train=tiny), "low")
 
 
+def test_bf16_autocast_follows_the_models_device() -> None:
+    """runner.bf16 on a GPU, or benchmarks.bf16_gap on the CPU: the stepper autocasts on the
+    device the models are on; the rate stays float32 (entropy models outside autocast)."""
+    batch = _batch(frames=2)
+    for dtype, expected in ((None, torch.float32), (torch.bfloat16, torch.bfloat16)):
+        torch.manual_seed(0)
+        phase = SinglePPhase(crop=SIZE, batch_size=2, lr=1e-3)
+        models = phase.build_models()
+        stepper = PhaseStepper(
+            phase, models, phase.build_optimizers(models), grad_clip=None, autocast_dtype=dtype
+        )
+        outputs = stepper.forward(batch, 1)
+        assert outputs["x_hat"].dtype == expected
+        assert all(lik.dtype == torch.float32 for lik in outputs["likelihoods"][0].values())
+        terms = stepper.step(batch, 1)
+        assert torch.isfinite(terms["loss"])
+
+
 def test_multi_p_gradient_of_the_last_frame_reaches_the_first_frame() -> None:
     """Eq. 5 trains through the recurrence: the LAST P-frame's loss depends on the FIRST
     P-frame's input (only through x̂_1 and the ConvLSTM/RPM states carried from it)."""
