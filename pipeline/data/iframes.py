@@ -361,12 +361,13 @@ def _code_pending(
     import ray.data
 
     actors, resources, threads = _actor_resources(use_gpu, num_actors)
-    by_source = {str(e["shard"]): e for e in pending}
+    # absolute: Ray's tasks run in the cluster's folder, not in this stage's
+    by_source = {os.path.abspath(e["shard"]): e for e in pending}
     items = []
-    for e in pending:
+    for source, e in by_source.items():
         start = 0
         for rg, n in enumerate(e["row_groups"]):
-            items.append({"path": str(e["shard"]), "row_group": rg, "row_start": start})
+            items.append({"path": source, "row_group": rg, "row_start": start})
             start += n
     weights_ref = ray.put(weights.read_bytes()) if ship_weights else str(weights.resolve())
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(

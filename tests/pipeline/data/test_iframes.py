@@ -3,7 +3,9 @@ resume, and the readers the PLVC training and evaluation stages use."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -40,16 +42,19 @@ def coded(
 ) -> tuple[Path, dict[str, Any]]:
     """``septuplet_shards`` (20 train + 6 test clips, 64x96) with I-frames. Do not modify."""
     out = tmp_path_factory.mktemp("iframes") / "low"
-    result = code_iframes(
-        septuplet_shards,
-        out,
-        weights,
-        quality="low",
-        batch_size=4,
-        num_actors=2,
-        use_gpu=False,
-        progress=False,
-    )
+    # a stage passes paths relative to its own folder, which need not be where the Ray
+    # cluster (this session's, started in the repo root) runs its tasks
+    with contextlib.chdir(septuplet_shards.parent):
+        result = code_iframes(
+            Path(septuplet_shards.name),
+            Path(os.path.relpath(out)),
+            weights,
+            quality="low",
+            batch_size=4,
+            num_actors=2,
+            use_gpu=False,
+            progress=False,
+        )
     return out, result
 
 
