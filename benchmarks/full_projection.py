@@ -23,57 +23,30 @@ GPUs, so 8 GPUs fit two qualities at once).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.config import Params, load_params
-from pipeline.dry_run import DRY_CROP, dry_run_settings
-from pipeline.train.phases.hific import hific_phases
-from pipeline.train.phases.plvc import build_phase
-from pipeline.train.phases.plvc_models import ClipBatch
-from pipeline.train.stepper import PhaseStepper
+from pipeline.dry_run import DRY_CROP, dry_run_settings, train_every_phase
 
 
-def _iteration_flops(phase: Any, batch: Any, step: int) -> float:
-    if hasattr(phase, "load_lpips"):
-        phase.load_lpips()
-    phase.setup(torch.device("cpu"))
-    models = phase.build_models()
-    stepper = PhaseStepper(phase, models, phase.build_optimizers(models), grad_clip=1.0)
-    stepper.step(batch, step)  # the first step allocates; count the second
-    with FlopCounterMode(display=False) as counter:
-        stepper.step(batch, step + 1)
-    return float(counter.get_total_flops())
-
-
-def measure(full: Params, dry: Params, quality: str, crop: int) -> list[dict[str, Any]]:
-    """One row per phase: FLOPs per sample at ``crop``², scaled to the full setting's step."""
-    torch.manual_seed(0)
+def measure(full: Params, dry: Params, quality: str) -> list[dict[str, Any]]:
+    """One row per phase: FLOPs of one sample at the dry run's crop, scaled to the full
+    setting's crop and batch."""
+    sections = {
+        "hific_warmup": ("HiFiC warm-up", full.hific, full.hific.warmup_steps),
+        "hific_gan": ("HiFiC GAN", full.hific, full.hific.gan_steps),
+        "single_p": ("PLVC single-P", full.train.single_p, full.train.single_p.steps),
+        "multi_p": ("PLVC multi-P", full.train.multi_p, full.train.multi_p.steps),
+        "gan": ("PLVC GAN", full.train.gan, full.train.gan.steps),
+    }
     rows = []
-    warmup, gan = hific_phases(dry, quality)
-    images = torch.rand(1, 3, crop, crop)
-    full_hific = full.hific
-    for name, phase, steps in (
-        ("HiFiC warm-up", warmup, full_hific.warmup_steps),
-        ("HiFiC GAN", gan, full_hific.gan_steps),
-    ):
-        if phase is None:
-            continue
-        phase = dataclasses.replace(phase, crop=crop)
-        flops = _iteration_flops(phase, images, 1)
-        rows.append(_row(name, flops, crop, full_hific.crop, full_hific.batch_size, steps))
-    for phase_name, section in (("single_p", "single_p"), ("multi_p", "multi_p"), ("gan", "gan")):
-        phase = build_phase(phase_name, dry, quality)
-        cfg = getattr(full.train, section)
-        frames = torch.rand(1, phase.clip_frames, 3, crop, crop)
-        step = getattr(phase, "flow_steps", 0) + getattr(phase, "mc_steps", 0) + 1  # eq. 4 itself
-        flops = _iteration_flops(phase, ClipBatch(frames, frames[:, 0]), step)
-        rows.append(_row(f"PLVC {phase_name}", flops, crop, cfg.crop, cfg.batch_size, cfg.steps))
+    for step in train_every_phase(dry, quality):
+        name, cfg, steps = sections[step["phase"]]
+        rows.append(_row(name, step["flops"], DRY_CROP, cfg.crop, cfg.batch_size, steps))
     return rows
 
 
@@ -108,7 +81,7 @@ def main() -> None:
         settings, _ = dry_run_settings(args.params, args.quality, Path(tmp))
         (Path(tmp) / "params.yaml").write_text(yaml.safe_dump(settings))
         dry = load_params(Path(tmp) / "params.yaml")
-        rows = measure(full, dry, args.quality, DRY_CROP)
+        rows = measure(full, dry, args.quality)
     qualities = len(full.qualities)
     print(f"{args.params}: FLOPs of one training iteration, counted at {DRY_CROP}² and scaled")
     print("\n| phase | crop, batch | TFLOP per step | steps per quality | PFLOP per quality |")

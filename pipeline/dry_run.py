@@ -34,10 +34,18 @@ from typing import Any
 
 import yaml
 
-from pipeline.config import ConfigError, load_params
+from pipeline.config import ConfigError, Params, load_params
 from pipeline.errors import PipelineError
 
-__all__ = ["DryRunError", "StageFigures", "dry_run_settings", "run_dry_run", "stage_commands"]
+__all__ = [
+    "DryRunError",
+    "PhaseStep",
+    "StageFigures",
+    "dry_run_settings",
+    "run_dry_run",
+    "stage_commands",
+    "train_every_phase",
+]
 
 #: what a dry run trains: enough steps to pass through every sub-phase once
 DRY_STEPS = {"hific_warmup": 2, "hific_gan": 2, "single_p": 3, "multi_p": 2, "gan": 2}
@@ -155,6 +163,61 @@ def dry_run_settings(
         baselines=[{"codec": "x264", "rate_control": "crf", "points": [30]}],
     )
     return raw, notes
+
+
+class PhaseStep(dict):
+    """``{"phase", "parameters", "losses", "flops"}``: a phase's models' parameter count, its
+    loss at two iterations, and the FLOPs of the second (forward, D step, backward)."""
+
+
+def train_every_phase(dry: Params, quality: str) -> list[PhaseStep]:
+    """Two training iterations of every phase of ``dry`` (a :func:`dry_run_settings` params:
+    HiFiC warm-up and GAN, single-P, multi-P, GAN) in this process on the CPU, each phase
+    built by the pipeline's own builders at the setting's model sizes, on one random sample
+    at the dry run's crop. The in-process half of the dry run: what needs no Ray and no data.
+    The second iteration is counted by ``torch.utils.flop_counter`` (convolutions and matrix
+    products, forward and backward)."""
+    import dataclasses
+
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pipeline.train.phases.hific import hific_phases
+    from pipeline.train.phases.plvc import build_phase
+    from pipeline.train.phases.plvc_models import ClipBatch
+    from pipeline.train.stepper import PhaseStepper
+
+    torch.manual_seed(0)
+    crop = dry.train.single_p.crop
+    phases: list[tuple[str, Any, Any, int]] = []
+    warmup, gan = hific_phases(dry, quality)
+    images = torch.rand(1, 3, dry.hific.crop, dry.hific.crop)
+    for name, phase in (("hific_warmup", warmup), ("hific_gan", gan)):
+        if phase is not None:
+            phases.append((name, dataclasses.replace(phase, crop=dry.hific.crop), images, 1))
+    for name in ("single_p", "multi_p", "gan"):
+        phase = build_phase(name, dry, quality)
+        frames = torch.rand(1, phase.clip_frames, 3, crop, crop)
+        # single-P: the first step after its warm-up sub-phases, eq. 4 itself
+        first = getattr(phase, "flow_steps", 0) + getattr(phase, "mc_steps", 0) + 1
+        phases.append((name, phase, ClipBatch(frames, frames[:, 0]), first))
+    out: list[PhaseStep] = []
+    for name, phase, batch, first in phases:
+        if hasattr(phase, "load_lpips"):
+            phase.load_lpips()
+        phase.setup(torch.device("cpu"))
+        models = phase.build_models()
+        stepper = PhaseStepper(phase, models, phase.build_optimizers(models), grad_clip=1.0)
+        losses = [float(stepper.step(batch, first)["loss"])]
+        with FlopCounterMode(display=False) as counter:
+            losses.append(float(stepper.step(batch, first + 1)["loss"]))
+        parameters = sum(p.numel() for m in models.named().values() for p in m.parameters())
+        out.append(
+            PhaseStep(
+                phase=name, parameters=parameters, losses=losses, flops=counter.get_total_flops()
+            )
+        )
+    return out
 
 
 def stage_commands(quality: str) -> list[tuple[str, list[str]]]:

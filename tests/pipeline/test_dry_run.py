@@ -3,13 +3,14 @@ data and step counts."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 import yaml
 
 from pipeline.config import ConfigError, load_params
-from pipeline.dry_run import DRY_STEPS, dry_run_settings, stage_commands
+from pipeline.dry_run import DRY_STEPS, dry_run_settings, stage_commands, train_every_phase
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -48,3 +49,25 @@ def test_dry_run_keeps_the_full_settings_models_and_losses(tmp_path: Path) -> No
 def test_dry_run_of_an_unknown_quality_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="quality 'ultra' is not in 'qualities'"):
         dry_run_settings(REPO / "params-full.yaml", "ultra", tmp_path)
+
+
+def test_every_phase_of_the_full_setting_trains_at_the_papers_sizes(tmp_path: Path) -> None:
+    """The in-process half of the dry run: the paper-size models of every phase are built
+    together by the pipeline's builders and take two training iterations each."""
+    settings, _ = dry_run_settings(REPO / "params-full.yaml", "low", tmp_path)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(settings))
+    steps = train_every_phase(load_params(tmp_path / "params.yaml"), "low")
+    assert [s["phase"] for s in steps] == [
+        "hific_warmup",
+        "hific_gan",
+        "single_p",
+        "multi_p",
+        "gan",
+    ]
+    by_phase = {s["phase"]: s for s in steps}
+    assert 170e6 < by_phase["hific_warmup"]["parameters"] < 200e6  # HiFiC's ~181 M
+    assert by_phase["hific_gan"]["parameters"] > by_phase["hific_warmup"]["parameters"]  # + D
+    assert by_phase["gan"]["parameters"] > by_phase["multi_p"]["parameters"]  # + D
+    assert all(math.isfinite(loss) for s in steps for loss in s["losses"])
+    # multi-P codes 6 P-frames where single-P codes one: the count sees the recurrence
+    assert by_phase["multi_p"]["flops"] > 4 * by_phase["single_p"]["flops"] > 0
