@@ -15,7 +15,10 @@ files written to the workdir, and the run says so: the code path runs, the value
 Then it runs the stages in ``dvc.yaml``'s order, each as its own process and MLflow run,
 under one local Ray head, and prints per stage its wall time, the peak resident memory of the
 stage's processes and Ray's workers together (RSS summed, so shared pages count more than
-once: an upper bound), and the training stages' seconds per step.
+once: an upper bound), and the training stages' seconds per step. Each stage's output goes to
+``<workdir>/logs/<stage>.log``. Its head is a second local Ray on this machine if one runs
+already (``make demo``): Ray's token auth keeps one token file per user, so let the other
+finish first. About 13 minutes on 2 cores for ``params-full.yaml``.
 """
 
 from __future__ import annotations
