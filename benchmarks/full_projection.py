@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from pipeline.config import Params, load_params
-from pipeline.dry_run import DRY_CROP, dry_run_settings, train_every_phase
+from pipeline.dry_run import DRY_CROP, train_every_phase, write_dry_run_params
 
 
 def measure(full: Params, dry: Params, quality: str) -> list[dict[str, Any]]:
@@ -76,12 +76,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     full = load_params(args.params)
     with tempfile.TemporaryDirectory() as tmp:
-        import yaml
-
-        settings, _ = dry_run_settings(args.params, args.quality, Path(tmp))
-        (Path(tmp) / "params.yaml").write_text(yaml.safe_dump(settings))
-        dry = load_params(Path(tmp) / "params.yaml")
-        rows = measure(full, dry, args.quality)
+        dry_params, _ = write_dry_run_params(args.params, args.quality, Path(tmp))
+        rows = measure(full, load_params(dry_params), args.quality)
     qualities = len(full.qualities)
     print(f"{args.params}: FLOPs of one training iteration, counted at {DRY_CROP}² and scaled")
     print("\n| phase | crop, batch | TFLOP per step | steps per quality | PFLOP per quality |")

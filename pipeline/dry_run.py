@@ -48,6 +48,7 @@ __all__ = [
     "run_dry_run",
     "stage_commands",
     "train_every_phase",
+    "write_dry_run_params",
 ]
 
 #: what a dry run trains: enough steps to pass through every sub-phase once
@@ -223,6 +224,17 @@ def train_every_phase(dry: Params, quality: str) -> list[PhaseStep]:
     return out
 
 
+def write_dry_run_params(params_file: Path, quality: str, workdir: Path) -> tuple[Path, list[str]]:
+    """Write :func:`dry_run_settings` to ``workdir/params.yaml``, checked by the config loader;
+    returns that file and the notes on what was replaced."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    settings, notes = dry_run_settings(params_file, quality, workdir)
+    dry_params = workdir / "params.yaml"
+    dry_params.write_text(yaml.safe_dump(settings, sort_keys=False))
+    load_params(dry_params)  # the derived file must validate too
+    return dry_params, notes
+
+
 def stage_commands(quality: str) -> list[tuple[str, list[str]]]:
     """The pipeline's stages for one quality, in ``dvc.yaml``'s order: (name, argv)."""
     module = [sys.executable, "-m"]
@@ -294,11 +306,7 @@ def run_dry_run(
     stage that fails, with the end of its output."""
     from pipeline.ray_cluster import SINGLE_NODE_TRAIN_ENV, local_head
 
-    workdir.mkdir(parents=True, exist_ok=True)
-    settings, notes = dry_run_settings(params_file, quality, workdir)
-    dry_params = workdir / "params.yaml"
-    dry_params.write_text(yaml.safe_dump(settings, sort_keys=False))
-    load_params(dry_params)  # the derived file must validate too
+    dry_params, notes = write_dry_run_params(params_file, quality, workdir)
     for note in notes:
         print(f"[dry run] {note}", flush=True)
     repo = Path(__file__).resolve().parent.parent
