@@ -105,6 +105,8 @@ class TrackingConfig(_Strict):
     connect_timeout_s: PosFloat = 5.0
     #: how many decoded sample frames a stage may log as images
     max_logged_images: NonNegInt = 4
+    #: while the server does not answer, training keeps its metrics and retries this often
+    retry_s: PosFloat = 30.0
 
 
 class RayConfig(_Strict):
@@ -191,6 +193,9 @@ class RunnerConfig(_Strict):
     use_gpu: bool = False
     #: fractional CPUs per train worker leave cores to Ray Data (a full core each starves it)
     cpus_per_worker: PosFloat = 0.5
+    #: how Ray places the workers: PACK fills a node first (fast collectives), SPREAD puts
+    #: them on different nodes where it can (and still runs when only one is left)
+    placement_strategy: Literal["PACK", "SPREAD"] = "PACK"
     gpus_per_worker: PosFloat = 1.0
     #: Ray Train storage: a local folder, an NFS path or an s3:// URI every node sees
     storage_path: str = Field("ray_results", min_length=1)

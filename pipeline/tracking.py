@@ -65,6 +65,13 @@ _EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 _uri_we_set: str | None = None
 
 
+_STAGE_HTTP_SETTINGS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+
+
 class TrackingUnavailableError(PipelineError):
     """The MLflow tracking store cannot be reached or opened."""
 
@@ -123,6 +130,11 @@ def configure_tracking(params: Params | None = None) -> str:
     uri = resolve_tracking_uri(params)
     timeout = params.tracking.connect_timeout_s if params else 5.0
     _check_reachable(uri, timeout)
+    if uri.startswith(("http://", "https://")):
+        # a server that goes away mid-stage costs seconds per call, not MLflow's default of
+        # 7 retries with exponential back-off (minutes each); a user's own setting wins
+        for key, value in _STAGE_HTTP_SETTINGS.items():
+            os.environ.setdefault(key, value)
     global _uri_we_set
     mlflow.set_tracking_uri(uri)
     _uri_we_set = uri
@@ -244,18 +256,54 @@ def stage_run(
     tags["mlflow.parentRunId"] = parent
     tags[f"{_TAG}role"] = "stage"
     name = run_name or os.environ.get("DVC_STAGE") or stage
-    with mlflow.start_run(run_name=name, tags=tags) as run:
+    uri = mlflow.get_tracking_uri()
+    run = mlflow.start_run(run_name=name, tags=tags)
+    try:
         values = {"seed": params.seed, **flatten(dict(logged_params or {}))}
         # MLflow params are strings of bounded size; lists and None are logged as JSON
         mlflow.log_params(
             {k: json.dumps(v) if not isinstance(v, str) else v for k, v in values.items()}
         )
-        print(
-            f"[{name}] MLflow run {run.info.run_id} (pipeline {pid}) in "
-            f"{mlflow.get_tracking_uri()}",
-            flush=True,
-        )
+        print(f"[{name}] MLflow run {run.info.run_id} (pipeline {pid}) in {uri}", flush=True)
         yield run
+    except BaseException as exc:
+        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        ended = _end_run(status)
+        if ended is not None and not _answers(uri, params.tracking.connect_timeout_s):
+            raise TrackingUnavailableError(_lost_server_message(name, uri, run, exc)) from exc
+        raise
+    ended = _end_run("FINISHED")
+    if ended is not None:
+        raise TrackingUnavailableError(_lost_server_message(name, uri, run, ended)) from ended
+
+
+def _end_run(status: str) -> Exception | None:
+    """End the active run; a store that fails to take it returns the error (MLflow drops
+    the run from this process before it calls the store, so a next stage starts clean)."""
+    try:
+        mlflow.end_run(status)
+    except Exception as exc:  # mlflow raises many types; the caller words the message
+        return exc
+    return None
+
+
+def _answers(uri: str, timeout_s: float) -> bool:
+    try:
+        _check_reachable(uri, timeout_s)
+    except TrackingUnavailableError:
+        return False
+    return True
+
+
+def _lost_server_message(name: str, uri: str, run: Any, cause: BaseException) -> str:
+    return (
+        f"[{name}] the MLflow store {uri} stopped answering during the stage "
+        f"({type(cause).__name__}: {str(cause)[:300]}). Not logged: what the stage logs at its "
+        f"end (held-out metrics, metrics.json, result.json, loss curves) and the run's end "
+        f"status (run {run.info.run_id} stays RUNNING there). Nothing trained is lost: the "
+        "exported weights and the Ray run's checkpoints are kept. Re-run the stage once the "
+        "server answers: a run already at its last step is only exported and logged again."
+    )
 
 
 def log_json_artifact(obj: Any, name: str, artifact_path: str | None = None) -> None:

@@ -4,7 +4,10 @@ ranks) and rank 0's MLflow logging, which never stops a run when the server is a
 
 from __future__ import annotations
 
+import collections
+import os
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -59,18 +62,44 @@ class MetricAverager:
 
 
 class MlflowSink:
-    """Rank 0's link to the stage's MLflow run. A failing tracking store only warns:
-    a 100k-step run must not die because the tracking server blinked.
+    """Rank 0's link to the stage's MLflow run, which never slows or stops the training.
+
+    Metrics and images are queued and sent by a background thread, so a step never waits on
+    the tracking server. When the server does not answer, the thread keeps the metrics
+    (up to ``max_pending`` values, the oldest dropped beyond), drops images (they are
+    replaceable; the checkpoint holds the weights), warns once, and retries every
+    ``retry_s`` seconds; once the server is back, the kept metrics are logged at their own
+    steps. :meth:`close` makes a last attempt and returns what could not be logged.
     """
 
-    def __init__(self, tracking_uri: str | None, run_id: str | None) -> None:
+    def __init__(
+        self,
+        tracking_uri: str | None,
+        run_id: str | None,
+        *,
+        retry_s: float = 30.0,
+        max_pending: int = 200_000,
+    ) -> None:
         self.run_id = run_id
         self.failures = 0
+        self.retry_s, self.max_pending = retry_s, max_pending
         self._client = None
+        self._queue: collections.deque[tuple[str, Any]] = collections.deque()
+        self._wake = threading.Condition()
+        self._closing = False
+        self._offline = False
+        self.dropped_metrics = 0
+        self.dropped_images = 0
         if tracking_uri and run_id:
             from mlflow.tracking import MlflowClient
 
+            # a down server costs a short wait per attempt, not MLflow's default of 7
+            # retries with exponential back-off (minutes); this process only trains
+            for key, value in _WORKER_HTTP_SETTINGS.items():
+                os.environ.setdefault(key, value)
             self._client = MlflowClient(tracking_uri=tracking_uri)
+            self._thread = threading.Thread(target=self._send_loop, name="mlflow-sink", daemon=True)
+            self._thread.start()
 
     @property
     def enabled(self) -> bool:
@@ -82,22 +111,93 @@ class MlflowSink:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(key, float(v), now, step) for key, v in metrics.items()]
-        self._call("metrics", self._client.log_batch, self.run_id, metrics=batch)
+        self._put("metrics", [Metric(key, float(v), now, step) for key, v in metrics.items()])
 
     def log_image(self, key: str, image: np.ndarray, step: int) -> None:
-        if self._client is not None:
-            self._call("image", self._client.log_image, self.run_id, image, key=key, step=step)
+        if self._client is None:
+            return
+        if self._offline:
+            self.dropped_images += 1
+            return
+        self._put("image", (key, image, step))
 
-    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> None:
-        try:
-            fn(*args, **kwargs)
-        except Exception as exc:  # any tracking failure: warn and keep training
-            self.failures += 1
-            if self.failures <= 3:
-                print(
-                    f"warning: MLflow {what} logging failed ({type(exc).__name__}: {exc}); "
-                    "training goes on",
-                    file=sys.stderr,
-                    flush=True,
-                )
+    def close(self, timeout_s: float = 60.0) -> dict[str, int]:
+        """Send what is queued (one more attempt if the server was away), wait up to
+        ``timeout_s``; returns the counts of what was not logged and of failed attempts."""
+        if self._client is not None:
+            with self._wake:
+                self._closing = True
+                self._wake.notify()
+            self._thread.join(timeout_s)
+        with self._wake:
+            left_metrics = sum(len(p) for kind, p in self._queue if kind == "metrics")
+            left_images = sum(1 for kind, _ in self._queue if kind == "image")
+            self._queue.clear()
+        return {
+            "mlflow_unlogged_metrics": left_metrics + self.dropped_metrics,
+            "mlflow_unlogged_images": left_images + self.dropped_images,
+            "mlflow_failures": self.failures,
+        }
+
+    def _put(self, kind: str, payload: Any) -> None:
+        with self._wake:
+            self._queue.append((kind, payload))
+            pending = sum(len(p) for k, p in self._queue if k == "metrics")
+            while pending > self.max_pending:
+                kind0, oldest = self._queue.popleft()
+                if kind0 == "metrics":
+                    pending -= len(oldest)
+                    self.dropped_metrics += len(oldest)
+                else:
+                    self.dropped_images += 1
+            self._wake.notify()
+
+    def _send_loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._queue and not self._closing:
+                    self._wake.wait()
+                if not self._queue:
+                    return
+                kind, payload = self._queue[0]
+            try:
+                self._send(kind, payload)
+            except Exception as exc:  # any tracking failure: keep the item, wait, retry
+                self.failures += 1
+                if not self._offline:
+                    print(
+                        f"warning: MLflow logging failed ({type(exc).__name__}: {exc}); "
+                        f"training goes on, metrics are kept and retried every "
+                        f"{self.retry_s:.0f} s",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                self._offline = True
+                with self._wake:
+                    if self._closing:
+                        return  # that was the last attempt
+                    self._wake.wait(self.retry_s)
+                continue
+            with self._wake:
+                if self._queue and self._queue[0][1] is payload:
+                    self._queue.popleft()
+            if self._offline:
+                self._offline = False
+                print("MLflow logging works again: the kept metrics are being sent", flush=True)
+
+    def _send(self, kind: str, payload: Any) -> None:
+        assert self._client is not None
+        if kind == "image":
+            key, image, step = payload
+            self._client.log_image(self.run_id, image, key=key, step=step)
+            return
+        for start in range(0, len(payload), 1000):
+            self._client.log_batch(self.run_id, metrics=payload[start : start + 1000])
+
+
+#: MLflow's HTTP client settings in a training worker (a user's own environment wins)
+_WORKER_HTTP_SETTINGS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+}

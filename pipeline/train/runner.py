@@ -145,7 +145,10 @@ def _fit(
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else cfg.cpu_backend),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
+            num_workers=cfg.num_workers,
+            use_gpu=cfg.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=cfg.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
             name=run_name,
@@ -295,6 +298,7 @@ def run_phase(
             "image_every": cfg.image_every,
             "checkpoint_every": cfg.checkpoint_every,
             "ray_run_path": run_dir,
+            "mlflow_retry_s": params.tracking.retry_s,
         }
         summary, ckpt = _fit(cfg, loop_config, datasets, storage, stage=stage, run_dir=run_dir)
 
@@ -303,11 +307,23 @@ def run_phase(
         "steps": summary["step"],
         "started_from_step": summary.get("started_from_step"),
         "world_size": summary.get("world_size"),
+        "worker_nodes": summary.get("worker_nodes"),
+        "mlflow_unlogged_metrics": summary.get("mlflow_unlogged_metrics", 0),
+        "mlflow_unlogged_images": summary.get("mlflow_unlogged_images", 0),
         "final_metrics": summary.get("metrics", {}),
         "checkpoint_path": ckpt.path,
         "wall_time_s": round(time.time() - started, 3),
     }
     result["exported_files"] = _export(phase, ckpt, export_dir, result)
+    if result["mlflow_unlogged_metrics"] or result["mlflow_unlogged_images"]:
+        print(
+            f"warning: [{run_name}] the MLflow server did not take "
+            f"{result['mlflow_unlogged_metrics']} metric value(s) and "
+            f"{result['mlflow_unlogged_images']} sample image(s) of this run (it was "
+            "unreachable); the weights and checkpoints are complete",
+            file=sys.stderr,
+            flush=True,
+        )
     if active is not None:
         from pipeline.tracking import log_json_artifact
 

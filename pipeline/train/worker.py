@@ -152,6 +152,20 @@ def _start(config: dict[str, Any]) -> _Run:
     return run
 
 
+def _worker_nodes(run: _Run) -> list[str]:
+    """The Ray node id of every rank, in rank order (where the run's group was placed)."""
+    import ray
+
+    own = ray.get_runtime_context().get_node_id()
+    if not run.multi:
+        return [own]
+    import torch.distributed as dist
+
+    nodes: list[Any] = [None] * run.world
+    dist.all_gather_object(nodes, own)
+    return [str(n) for n in nodes]
+
+
 def _checkpoint_meta(checkpoint: Any) -> dict[str, Any]:
     """A checkpoint's ``meta.json`` (``{}``: no checkpoint)."""
     if checkpoint is None:
@@ -256,7 +270,11 @@ def _train_worker_inner(config: dict[str, Any]) -> dict[str, Any]:
     run = _start(config)
     max_steps: int = config["max_steps"]
     start_step = run.step
-    summary = {"started_from_step": start_step, "world_size": run.world}
+    summary = {
+        "started_from_step": start_step,
+        "world_size": run.world,
+        "worker_nodes": _worker_nodes(run),
+    }
     if run.step >= max_steps:
         return {**summary, "step": run.step, "metrics": run.last_metrics, "epoch": run.epoch}
 
@@ -270,7 +288,9 @@ def _train_worker_inner(config: dict[str, Any]) -> dict[str, Any]:
         autocast_dtype=torch.bfloat16 if bf16 else None,
     )
     sink = (
-        MlflowSink(config["tracking_uri"], config["mlflow_run_id"])
+        MlflowSink(
+            config["tracking_uri"], config["mlflow_run_id"], retry_s=config["mlflow_retry_s"]
+        )
         if run.is_main
         else MlflowSink(None, None)
     )
@@ -332,7 +352,7 @@ def _train_worker_inner(config: dict[str, Any]) -> dict[str, Any]:
         "step": run.step,
         "metrics": run.last_metrics,
         "epoch": run.epoch,
-        "mlflow_failures": sink.failures,
+        **sink.close(),
     }
 
 

@@ -160,3 +160,18 @@ def test_params_changed_since_commit(tmp_path: Path, monkeypatch) -> None:
     params_file.write_text("train:\n  gan: {steps: 500, lr: 0.0001}\nseed: 0\ndata: {crop: 64}\n")
     assert params_changed_since_commit(params_file) == {"train.gan.steps": "500", "data.crop": "64"}
     assert params_changed_since_commit(tmp_path.parent / "elsewhere.yaml") == {}
+
+
+def test_a_store_lost_mid_stage_is_named_and_the_run_dropped(tmp_path: Path, monkeypatch) -> None:
+    store = tmp_path / "store"
+    store.mkdir()
+    params = Params(tracking=TrackingConfig(uri=f"sqlite:///{store / 'mlflow.db'}"))
+    monkeypatch.setenv("PLVC_PIPELINE_ID", "pipe-lost")
+    with (
+        pytest.raises(TrackingUnavailableError, match="stopped answering during the stage") as err,
+        stage_run("train_gan", params, run_name="train_gan-low"),
+    ):
+        store.rename(tmp_path / "moved")  # the store goes away while the stage works
+    message = str(err.value)
+    assert "Nothing trained is lost" in message and "stays RUNNING" in message
+    assert mlflow.active_run() is None  # a next stage in this process starts clean
