@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean-runs
+.PHONY: install demo test test-cluster lint bench clean-runs
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q
+
+# The cluster path: a two-node Ray cluster and an MLflow server on this machine, stages
+# submitted with `ray job submit`, faults from outside (docs/cluster.md); ~15 min on 2 cores.
+test-cluster: $(STAMP)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q -m cluster
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
