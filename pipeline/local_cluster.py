@@ -114,6 +114,7 @@ class LocalRayCluster:
         num_nodes: int = 2,
         cpus_per_node: float = 2,
         start_timeout_s: float = 90.0,
+        object_store_bytes: int = 1 << 30,
     ) -> None:
         if num_nodes < 1:
             raise ValueError(f"num_nodes must be >= 1, got {num_nodes}")
@@ -123,6 +124,7 @@ class LocalRayCluster:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.num_nodes, self.cpus_per_node = num_nodes, cpus_per_node
         self.start_timeout_s = start_timeout_s
+        self.object_store_bytes = object_store_bytes
         self.gcs_port, self.dashboard_port = free_port(), free_port()
         self.gcs_address = f"127.0.0.1:{self.gcs_port}"
         self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
@@ -146,6 +148,8 @@ class LocalRayCluster:
             "--node-ip-address=127.0.0.1",
             f"--num-cpus={self.cpus_per_node}",
             "--num-gpus=0",
+            # Ray's default is 30% of the machine's memory per node: too much for several nodes
+            f"--object-store-memory={self.object_store_bytes}",
             f"--resources={json.dumps({f'node{index}': 1})}",
             f"--dashboard-agent-listen-port={free_port()}",
             f"--metrics-export-port={free_port()}",

@@ -168,7 +168,7 @@ class MlflowSink:
                     print(
                         f"warning: MLflow logging failed ({type(exc).__name__}: {exc}); "
                         f"training goes on, metrics are kept and retried every "
-                        f"{self.retry_s:.0f} s",
+                        f"{self.retry_s:g} s",
                         file=sys.stderr,
                         flush=True,
                     )

@@ -270,13 +270,16 @@ def test_a_worker_killed_from_outside_resumes_from_the_newest_checkpoint(
     (run,) = submitted.stage_runs()  # one MLflow run, not one per worker group
     assert run.info.status == "FINISHED"
     client = MlflowClient(mlflow_server.uri)
-    print(_resume_figures(client, run.info.run_id, killed_at, result["started_from_step"]))
+    print(
+        "worker kill:",
+        _resume_figures(client, run.info.run_id, killed_at, result["started_from_step"]),
+    )
     steps = {m.step for m in client.get_metric_history(run.info.run_id, "train/loss")}
     assert steps == set(range(1, STEPS + 1))
 
 
 def test_a_crashed_node_moves_the_run_to_the_nodes_left(
-    job: Callable[..., Any], cluster: LocalRayCluster
+    job: Callable[..., Any], cluster: LocalRayCluster, mlflow_server: MlflowServer
 ) -> None:
     submitted = job(seed=13)
     proc = submitted.start()
@@ -284,6 +287,7 @@ def test_a_crashed_node_moves_the_run_to_the_nodes_left(
         newest = submitted.wait_for_checkpoint(EVERY, proc)
         # the second host dies (`ray stop` would drain it: let the run finish there first)
         cluster.stop_node(1, wait=False, crash=True)
+        killed_at = time.time()
         out, _ = proc.communicate(timeout=600)
     finally:
         if proc.poll() is None:
@@ -296,6 +300,8 @@ def test_a_crashed_node_moves_the_run_to_the_nodes_left(
     assert result["worker_nodes"] == [cluster.node_ids[0]] * 2
     (run,) = submitted.stage_runs()
     assert run.info.status == "FINISHED"
+    client = MlflowClient(mlflow_server.uri)
+    print("node crash:", _resume_figures(client, run.info.run_id, killed_at, newest))
 
 
 def test_a_killed_driver_is_resumed_by_submitting_the_stage_again(
@@ -322,10 +328,22 @@ def test_a_killed_driver_is_resumed_by_submitting_the_stage_again(
     _wait_until_gone(cluster, "RayTrainWorker")
     assert not (submitted.models / "low" / "single_p").exists()
 
+    resubmitted_at = time.time()
     code, out = submitted.run()
     assert code == 0, out
     result = submitted.result()
     assert result["steps"] == STEPS and result["started_from_step"] >= newest > 0
+    resumed = next(r for r in submitted.stage_runs() if r.info.status == "FINISHED")
+    first = min(
+        m.timestamp / 1000 - resubmitted_at
+        for m in MlflowClient(mlflow_server.uri).get_metric_history(
+            resumed.info.run_id, "train/loss"
+        )
+    )
+    print(
+        f"driver kill: killed after checkpoint {newest}, the re-submitted job resumed from step "
+        f"{result['started_from_step']} and logged its first step {first:.1f} s after submission"
+    )
     runs = {r.info.status: r for r in submitted.stage_runs()}
     # the killed driver's run could not end itself; the re-run's curves still start at 1
     assert set(runs) == {"RUNNING", "FINISHED"}
