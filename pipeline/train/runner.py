@@ -20,9 +20,11 @@ loss functions); :func:`run_phase` does everything else on Ray Train (V2):
   is only exported again;
 - MLflow, from rank 0 into the stage's own run: every loss term, the learning rates,
   gradient norms and throughput every ``runner.log_every`` steps, sample images every
-  ``runner.image_every`` steps;
+  ``runner.image_every`` steps, sent by a background thread that keeps the metrics while the
+  server is away (:class:`~pipeline.train.reporting.MlflowSink`);
 - the final weights exported atomically to ``export_dir`` (the DVC-tracked folder) with a
-  ``result.json``.
+  ``result.json`` (steps, the step it resumed from, each rank's Ray node, the metric values
+  the tracking server never took, the checkpoint exported).
 
 A stage uses it like this::
 
@@ -45,11 +47,13 @@ the stage as a Ray job from the repository root::
         python -m stages.<stage> --params params.yaml
 
 Inside the job ``RAY_ADDRESS`` is set, so ``init_ray`` joins that cluster and the workers
-are scheduled on its nodes (``runner.use_gpu: true`` for GPU nodes). Every node must see
+are scheduled on its nodes (``runner.use_gpu: true`` for GPU nodes,
+``runner.placement_strategy`` to pack or spread them). Every node must see
 ``runner.storage_path`` (an ``s3://``/``gs://`` URI or a shared NFS folder) and the shard
 folders; checkpoints live there, so a re-submitted job resumes the run. The weights are
 exported by the driver process (the job's entrypoint on the head node), into
-``export_dir`` relative to its working directory.
+``export_dir`` relative to its working directory. What each fault costs, and how it is tested
+here: ``docs/cluster.md``.
 """
 
 from __future__ import annotations

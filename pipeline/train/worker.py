@@ -298,55 +298,59 @@ def _train_worker_inner(config: dict[str, Any]) -> dict[str, Any]:
     log_every, image_every = config["log_every"], config["image_every"]
     checkpoint_every = config["checkpoint_every"]
 
-    averager = MetricAverager()
-    window = _Window()
-    while run.step < max_steps:
-        batches_this_epoch = 0
-        iterator = _epoch_batches(run, shard)
+    try:
+        averager = MetricAverager()
+        window = _Window()
         while run.step < max_steps:
-            t0 = time.perf_counter()
-            try:
-                rows = next(iterator)
-            except StopIteration:
-                break
-            window.data_wait += time.perf_counter() - t0
-            batches_this_epoch += 1
-            run.step += 1
-            step = run.step
-            batch = phase.prepare_batch(rows, run.device)
-            averager.add(stepper.step(batch, step))
-            window.steps += 1
+            batches_this_epoch = 0
+            iterator = _epoch_batches(run, shard)
+            while run.step < max_steps:
+                t0 = time.perf_counter()
+                try:
+                    rows = next(iterator)
+                except StopIteration:
+                    break
+                window.data_wait += time.perf_counter() - t0
+                batches_this_epoch += 1
+                run.step += 1
+                step = run.step
+                batch = phase.prepare_batch(rows, run.device)
+                averager.add(stepper.step(batch, step))
+                window.steps += 1
 
-            if step % log_every == 0 or step == max_steps:
-                run.last_metrics = window.metrics(run, averager)
-                if run.is_main:
-                    sink.log_metrics(run.last_metrics, step)
-                    _log_line(run, run.last_metrics, max_steps)
-                window = _Window()
+                if step % log_every == 0 or step == max_steps:
+                    run.last_metrics = window.metrics(run, averager)
+                    if run.is_main:
+                        sink.log_metrics(run.last_metrics, step)
+                        _log_line(run, run.last_metrics, max_steps)
+                    window = _Window()
 
-            if run.is_main and sink.enabled and (step % image_every == 0 or step == max_steps):
-                _log_samples(phase, run.models, batch, sink, step)
+                if run.is_main and sink.enabled and (step % image_every == 0 or step == max_steps):
+                    _log_samples(phase, run.models, batch, sink, step)
 
-            if step % checkpoint_every == 0 or step == max_steps:
-                _report_checkpoint(
-                    phase,
-                    run.models,
-                    run.optimizers,
-                    step=step,
-                    epoch=run.epoch,
-                    metrics=run.last_metrics,
-                    is_main=run.is_main,
-                    multi=run.multi,
-                    world=run.world,
-                )
-        if run.step < max_steps:
-            if batches_this_epoch == 0:
-                raise NoFullBatchError(
-                    f"dataset 'train' gives worker {run.rank} no full batch of "
-                    f"{run.local_batch} clips (its share of batch_size {phase.batch_size}; "
-                    f"{run.world} workers share the split): add clips or lower the batch size"
-                )
-            run.epoch += 1
+                if step % checkpoint_every == 0 or step == max_steps:
+                    _report_checkpoint(
+                        phase,
+                        run.models,
+                        run.optimizers,
+                        step=step,
+                        epoch=run.epoch,
+                        metrics=run.last_metrics,
+                        is_main=run.is_main,
+                        multi=run.multi,
+                        world=run.world,
+                    )
+            if run.step < max_steps:
+                if batches_this_epoch == 0:
+                    raise NoFullBatchError(
+                        f"dataset 'train' gives worker {run.rank} no full batch of "
+                        f"{run.local_batch} clips (its share of batch_size {phase.batch_size}; "
+                        f"{run.world} workers share the split): add clips or lower the batch size"
+                    )
+                run.epoch += 1
+    except BaseException:
+        sink.close(timeout_s=10)  # what was logged before the failure still gets there
+        raise
     return {
         **summary,
         "step": run.step,
