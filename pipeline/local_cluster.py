@@ -169,8 +169,8 @@ class LocalRayCluster:
             ]
         return [*command, f"--address={self.gcs_address}"]
 
-    def _spawn(self, command: Sequence[str], log: Path, extra_env: Mapping[str, str] = {}) -> Any:
-        env = {**os.environ, **self.env, **extra_env}
+    def _spawn(self, command: Sequence[str], log: Path) -> Any:
+        env = {**os.environ, **self.env}
         env.pop("RAY_ADDRESS", None)
         # as in an activated virtualenv: a job's `python` is the one Ray runs on
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"

@@ -85,6 +85,7 @@ class MlflowSink:
         self.retry_s, self.max_pending = retry_s, max_pending
         self._client = None
         self._queue: collections.deque[tuple[str, Any]] = collections.deque()
+        self._queued_metrics = 0  # metric values in the queue, kept so a put never rescans it
         self._wake = threading.Condition()
         self._closing = False
         self._offline = False
@@ -130,9 +131,10 @@ class MlflowSink:
                 self._wake.notify()
             self._thread.join(timeout_s)
         with self._wake:
-            left_metrics = sum(len(p) for kind, p in self._queue if kind == "metrics")
+            left_metrics = self._queued_metrics
             left_images = sum(1 for kind, _ in self._queue if kind == "image")
             self._queue.clear()
+            self._queued_metrics = 0
         return {
             "mlflow_unlogged_metrics": left_metrics + self.dropped_metrics,
             "mlflow_unlogged_images": left_images + self.dropped_images,
@@ -142,11 +144,12 @@ class MlflowSink:
     def _put(self, kind: str, payload: Any) -> None:
         with self._wake:
             self._queue.append((kind, payload))
-            pending = sum(len(p) for k, p in self._queue if k == "metrics")
-            while pending > self.max_pending:
+            if kind == "metrics":
+                self._queued_metrics += len(payload)
+            while self._queued_metrics > self.max_pending:
                 kind0, oldest = self._queue.popleft()
                 if kind0 == "metrics":
-                    pending -= len(oldest)
+                    self._queued_metrics -= len(oldest)
                     self.dropped_metrics += len(oldest)
                 else:
                     self.dropped_images += 1
@@ -181,6 +184,8 @@ class MlflowSink:
             with self._wake:
                 if self._queue and self._queue[0][1] is payload:
                     self._queue.popleft()
+                    if kind == "metrics":
+                        self._queued_metrics -= len(payload)
             if self._offline:
                 self._offline = False
                 print("MLflow logging works again: the kept metrics are being sent", flush=True)
