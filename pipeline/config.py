@@ -415,6 +415,14 @@ class YUVSequence(_Strict):
     group: str = ""
 
 
+class CodingModeConfig(_Strict):
+    """How PLVC's networks run while coding (:class:`plvc.determinism.CodingMode`)."""
+
+    entropy_parameters: Literal["portable", "device", "exact"] = "portable"
+    precision: Literal["float32", "bfloat16"] = "float32"
+    channels_last: bool = True
+
+
 class EvaluateConfig(_Strict):
     """``evaluate@q``: real bitstreams, perceptual and fidelity metrics, baselines."""
 
@@ -456,6 +464,8 @@ class EvaluateConfig(_Strict):
     #: test-only: random backbones, every output marked ``_random_init``
     allow_random_backbone: bool = False
     ffmpeg: Path | None = None
+    #: the coding mode of the PLVC streams (recorded in each)
+    coding: CodingModeConfig = Field(default_factory=CodingModeConfig)
     baselines: list[BaselineSpec] = Field(
         default_factory=lambda: [
             BaselineSpec(codec="x264", points=[23, 28, 33, 38]),

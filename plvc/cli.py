@@ -132,11 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     enc.add_argument(
         "--entropy-parameters",
-        choices=("portable", "device"),
+        choices=("portable", "device", "exact"),
         default="portable",
         help="where the probability model runs: portable (CPU, float32, one thread: the "
-        "latents decode identically with any thread count or accelerator; default) or "
-        "device (where the frames are: faster on a GPU, bit-exact on the same device type)",
+        "latents decode identically with any thread count or accelerator; default), "
+        "device (where the frames are: faster on a GPU, bit-exact on the same device type) "
+        "or exact (CPU integer arithmetic: identical latents on any machine, slower)",
     )
     enc.add_argument(
         "--precision",

@@ -478,7 +478,7 @@ class VideoDecoder:
 
     The networks run as the header's :class:`~plvc.determinism.CodingMode` says, on the
     stream's CPU thread count, which reproduces the encoder's reconstruction bit for bit.
-    ``num_threads`` may choose another count for a stream with portable entropy
+    ``num_threads`` may choose another count for a stream with portable or exact entropy
     parameters: its latents decode identically (they never depend on the thread count);
     the pictures may then differ from the encoder's in the last bits.
     """
@@ -539,7 +539,7 @@ class VideoDecoder:
             return stream
         if num_threads < 1:
             raise PLVCError(f"num_threads must be >= 1, got {num_threads}")
-        if self.device.type == "cpu" and not self.header.coding_mode.portable:
+        if self.device.type == "cpu" and self.header.coding_mode.entropy_parameters == "device":
             raise PLVCError(
                 f"the stream's entropy parameters ran on the encoder's device with "
                 f"{stream} CPU threads ({self.header.coding_mode.describe()}); decoding its "

@@ -15,15 +15,18 @@ stream header records it (format 3) and the decoder runs them the same way:
   deterministic algorithms (cuDNN without autotuning or TF32; on the CPU the stream's
   thread count). Bit-exact on the same device type and PyTorch build, as CompressAI and
   DCVC promise, and no device-to-host copy per frame.
+- ``entropy_parameters="exact"``: the RPM runs on the CPU with exact integer convolutions
+  and libm-free non-linearities (:mod:`plvc.exact`): the latents decode identically on any
+  machine, instruction set and thread count, at about 4x the portable mode's RPM time.
 - ``precision``: ``"float32"`` or ``"bfloat16"`` (autocast for the transforms, flow and
   motion compensation; the entropy parameters always run in float32).
 - ``channels_last``: the transforms' memory format (faster CPU kernels, other last bits).
 
 Scope of "portable": same PyTorch build and CPU instruction set on both sides (which
 covers "another process on the same machine", other thread counts and identical
-deployments). Different CPU ISAs (AVX2 vs. AVX-512) may pick different oneDNN kernels;
-making the probability model bit-exact across *all* hardware would need integer networks
-(Ballé et al., 2019).
+deployments). Other CPU ISAs may pick other oneDNN kernels (measured on this project's
+test model: AVX-512 and AVX2 agree on the latents, the baseline SSE kernels do not); the
+``"exact"`` mode covers all hardware.
 """
 
 from __future__ import annotations
@@ -51,14 +54,15 @@ __all__ = [
 
 CODING_DEVICE = torch.device("cpu")
 CODING_DTYPE = torch.float32
-ENTROPY_PARAMETER_MODES = ("portable", "device")
+ENTROPY_PARAMETER_MODES = ("portable", "device", "exact")
 PRECISIONS = ("float32", "bfloat16")
 
-# header flag bits (format 3); format 1-2 streams are all zero (CodingMode.legacy())
-_FLAG_DEVICE_ENTROPY = 1
-_FLAG_BFLOAT16 = 2
-_FLAG_CHANNELS_LAST = 4
-_KNOWN_FLAGS = _FLAG_DEVICE_ENTROPY | _FLAG_BFLOAT16 | _FLAG_CHANNELS_LAST
+# header flag bits (format 3); format 1-2 streams are all zero (CodingMode.legacy()):
+# bits 0-1 the entropy-parameter mode (its index in ENTROPY_PARAMETER_MODES), then these
+_ENTROPY_MASK = 3
+_FLAG_BFLOAT16 = 4
+_FLAG_CHANNELS_LAST = 8
+_KNOWN_FLAGS = _ENTROPY_MASK | _FLAG_BFLOAT16 | _FLAG_CHANNELS_LAST
 
 
 @dataclass(frozen=True)
@@ -100,7 +104,7 @@ class CodingMode:
 
     def to_flags(self) -> int:
         return (
-            (0 if self.portable else _FLAG_DEVICE_ENTROPY)
+            ENTROPY_PARAMETER_MODES.index(self.entropy_parameters)
             | (_FLAG_BFLOAT16 if self.precision == "bfloat16" else 0)
             | (_FLAG_CHANNELS_LAST if self.channels_last else 0)
         )
@@ -108,13 +112,13 @@ class CodingMode:
     @classmethod
     def from_flags(cls, flags: int) -> CodingMode:
         """The mode of a header's flag byte; unknown bits raise :class:`PLVCError`."""
-        if flags & ~_KNOWN_FLAGS:
+        if flags & ~_KNOWN_FLAGS or flags & _ENTROPY_MASK >= len(ENTROPY_PARAMETER_MODES):
             raise PLVCError(
                 f"coding flags {flags:#04x} use bits this build does not know "
                 f"(known: {_KNOWN_FLAGS:#04x})"
             )
         return cls(
-            entropy_parameters="device" if flags & _FLAG_DEVICE_ENTROPY else "portable",
+            entropy_parameters=ENTROPY_PARAMETER_MODES[flags & _ENTROPY_MASK],
             precision="bfloat16" if flags & _FLAG_BFLOAT16 else "float32",
             channels_last=bool(flags & _FLAG_CHANNELS_LAST),
         )

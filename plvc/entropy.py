@@ -35,6 +35,7 @@ with warnings.catch_warnings():
     from compressai.ops import quantize_ste
 
 from plvc.determinism import CODING_DEVICE, CODING_DTYPE, cpu_functional_call
+from plvc.exact import exact_entropy_parameters
 from plvc.layers import ConvLSTMCell, LSTMState
 
 __all__ = [
@@ -189,6 +190,7 @@ class LatentEntropyModel(nn.Module):
         prev_latent: Tensor | None,
         rpm_state: LSTMState | None,
         device: torch.device | None,
+        exact: bool,
     ) -> tuple[EntropyModel, Tensor, Tensor, LSTMState | None]:
         """``(entropy model, CDF indexes, means, new RPM state)`` of a latent of ``shape``."""
         where = CODING_DEVICE if device is None else device
@@ -196,13 +198,23 @@ class LatentEntropyModel(nn.Module):
             means = _medians(self.bottleneck).to(where)
             indexes = _channel_indexes(self.latent_channels, shape).to(where)
             return self.bottleneck, indexes, means, None
+        if exact:
+            means, indexes, new_state = exact_entropy_parameters(
+                self.rpm, self.gaussian.scale_table, prev_latent, rpm_state
+            )
+            self._check_shape(means, shape)
+            return self.gaussian, indexes, means, new_state
         means, scales, new_state = self._entropy_parameters(prev_latent, rpm_state, device)
-        if tuple(scales.shape[-2:]) != tuple(shape):
+        self._check_shape(scales, shape)
+        return self.gaussian, gaussian_indexes(self.gaussian, scales), means, new_state
+
+    @staticmethod
+    def _check_shape(parameters: Tensor, shape: tuple[int, int]) -> None:
+        if tuple(parameters.shape[-2:]) != tuple(shape):
             raise ValueError(
                 f"latent shape {tuple(shape)} does not match the previous latent "
-                f"{tuple(scales.shape[-2:])}"
+                f"{tuple(parameters.shape[-2:])}"
             )
-        return self.gaussian, gaussian_indexes(self.gaussian, scales), means, new_state
 
     def compress(
         self,
@@ -210,20 +222,22 @@ class LatentEntropyModel(nn.Module):
         prev_latent: Tensor | None,
         rpm_state: LSTMState | None,
         device: torch.device | None = None,
+        exact: bool = False,
     ) -> tuple[bytes, Tensor, LSTMState | None]:
         """Code ``y`` [1, C, h, w]; returns ``(string, y_hat, new_rpm_state)``.
 
         ``device=None`` (portable): the entropy parameters run on the CPU (float32, call
         inside :func:`plvc.determinism.deterministic_coding`) and ``y_hat`` is a CPU
         float32 tensor; otherwise they run on ``device`` (inside
-        :func:`plvc.determinism.device_coding`) and ``y_hat`` stays there. ``y_hat`` is
-        exactly what :meth:`decompress` returns: both compute ``float(symbol) + mean``
-        with the same mean.
+        :func:`plvc.determinism.device_coding`) and ``y_hat`` stays there. ``exact``: they
+        run on the CPU with :func:`plvc.exact.exact_entropy_parameters` (any machine
+        derives the same). ``y_hat`` is exactly what :meth:`decompress` returns: both
+        compute ``float(symbol) + mean`` with the same mean.
         """
         where = CODING_DEVICE if device is None else device
         y = y.detach().to(where, CODING_DTYPE).contiguous()
         model, indexes, means, new_state = self._coding_model(
-            tuple(y.shape[-2:]), prev_latent, rpm_state, device
+            tuple(y.shape[-2:]), prev_latent, rpm_state, device, exact
         )
         string = EntropyModel.compress(model, y, indexes, means)[0]
         y_hat = model.quantize(y, "dequantize", means)
@@ -236,11 +250,12 @@ class LatentEntropyModel(nn.Module):
         prev_latent: Tensor | None,
         rpm_state: LSTMState | None,
         device: torch.device | None = None,
+        exact: bool = False,
     ) -> tuple[Tensor, LSTMState | None]:
         """Decode a latent of spatial ``shape``; returns ``(y_hat, new_rpm_state)``, on the
-        CPU (portable, ``device=None``) or on ``device``, as :meth:`compress` does."""
+        CPU (``device=None``) or on ``device``, as :meth:`compress` does."""
         model, indexes, means, new_state = self._coding_model(
-            tuple(shape), prev_latent, rpm_state, device
+            tuple(shape), prev_latent, rpm_state, device, exact
         )
         # symbols come back on the tables' device (the module's); the mean is added where
         # the entropy parameters are, the same float addition as compress's dequantize

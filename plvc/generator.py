@@ -505,7 +505,19 @@ class PLVC(CompressionModel):
     def _entropy_coding(
         mode: CodingMode, device: torch.device
     ) -> contextlib.AbstractContextManager:
-        return deterministic_coding() if mode.portable else device_coding(device)
+        if mode.entropy_parameters == "device":
+            return device_coding(device)
+        if mode.entropy_parameters == "exact":
+            return device_coding(torch.device("cpu"))
+        return deterministic_coding()
+
+    @staticmethod
+    def _entropy_where(mode: CodingMode, device: torch.device) -> dict[str, Any]:
+        """Keyword arguments of :meth:`LatentEntropyModel.compress` for ``mode``."""
+        return {
+            "device": device if mode.entropy_parameters == "device" else None,
+            "exact": mode.entropy_parameters == "exact",
+        }
 
     def compress_pframe(
         self,
@@ -540,7 +552,7 @@ class PLVC(CompressionModel):
         self._check_coding(x)
         self._check_state(state, self._latent_shape(x))
         device, dtype = x.device, x.dtype
-        entropy_device = None if mode.portable else device
+        where = self._entropy_where(mode, device)
         flow = self.motion_estimation(x_ref_hat, x)
 
         y_motion, motion_enc = self.motion_encoder(flow, state.motion_encoder if state else None)
@@ -549,7 +561,7 @@ class PLVC(CompressionModel):
                 y_motion,
                 state.prev_y_motion if state else None,
                 state.motion_rpm if state else None,
-                entropy_device,
+                **where,
             )
         _, _, x_mc, motion_dec = self._motion_synthesis(
             y_motion_hat.to(device, dtype), x_ref_hat, state.motion_decoder if state else None
@@ -563,7 +575,7 @@ class PLVC(CompressionModel):
                 y_residual,
                 state.prev_y_residual if state else None,
                 state.residual_rpm if state else None,
-                entropy_device,
+                **where,
             )
         x_hat, new_state = self._reconstruct_pframe(
             x_mc,
@@ -658,7 +670,7 @@ class PLVC(CompressionModel):
             )
         self._check_state(state, (1, self.config.latent_channels, *shape))
         device, dtype = x_ref_hat.device, x_ref_hat.dtype
-        entropy_device = None if mode.portable else device
+        where = self._entropy_where(mode, device)
 
         with self._entropy_coding(mode, device):
             y_motion_hat, motion_rpm = self.motion_entropy.decompress(
@@ -666,7 +678,7 @@ class PLVC(CompressionModel):
                 shape,
                 state.prev_y_motion if state else None,
                 state.motion_rpm if state else None,
-                entropy_device,
+                **where,
             )
         _, _, x_mc, motion_dec = self._motion_synthesis(
             y_motion_hat.to(device, dtype), x_ref_hat, state.motion_decoder if state else None
@@ -677,7 +689,7 @@ class PLVC(CompressionModel):
                 shape,
                 state.prev_y_residual if state else None,
                 state.residual_rpm if state else None,
-                entropy_device,
+                **where,
             )
         return self._reconstruct_pframe(
             x_mc,

@@ -22,6 +22,7 @@ from pipeline.eval.models import load_quality_models
 from pipeline.eval.outputs import write_evaluation
 from pipeline.eval.testset import TestSet
 from pipeline.tracking import stage_run
+from plvc.determinism import CodingMode
 
 
 def evaluation_device() -> str:
@@ -75,6 +76,7 @@ def main(argv: list[str] | None = None) -> None:
             models,
             metric_set,
             gop=cfg.gop,
+            coding_mode=CodingMode(**cfg.coding.model_dump()),
             visual_sequences=params.tracking.max_logged_images // 2,
             ffmpeg=None if cfg.ffmpeg is None else str(cfg.ffmpeg),
         )

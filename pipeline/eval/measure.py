@@ -45,6 +45,7 @@ from pipeline.eval.models import INTRA_METHOD, CachedIntraCodec, PhaseModel, Qua
 from pipeline.eval.rate_search import RateSearch, resolve_rate_points
 from pipeline.eval.testset import CROP_MULTIPLE, TestSequence, TestSet
 from pipeline.eval.visuals import Visuals
+from plvc.determinism import CodingMode
 
 __all__ = [
     "CHUNK_PIXELS",
@@ -193,7 +194,13 @@ def _digest(frame: np.ndarray) -> bytes:
 
 
 def _code_plvc(
-    seq: TestSequence, phase: PhaseModel, method: _Method, gop: int, quality: str, bar: Any
+    seq: TestSequence,
+    phase: PhaseModel,
+    method: _Method,
+    gop: int,
+    quality: str,
+    mode: CodingMode | None,
+    bar: Any,
 ) -> np.ndarray:
     """Encode one sequence with one PLVC model, decode the bytes, check, measure."""
     from plvc.codec import VideoDecoder, VideoEncoder
@@ -206,6 +213,7 @@ def _code_plvc(
         gop=seq.gop(gop),
         quality=quality,
         fps=Fraction(seq.fps).limit_denominator(1001),
+        mode=mode,
     )
     digests, types, payloads = [], [], []
     for frame in seq.frames:
@@ -345,6 +353,7 @@ def evaluate_quality(
     metric_set: MetricSet,
     *,
     gop: int,
+    coding_mode: CodingMode | None = None,
     visual_sequences: int = 2,
     ffmpeg: str | None = None,
     chunk_pixels: int = CHUNK_PIXELS,
@@ -352,7 +361,8 @@ def evaluate_quality(
 ) -> EvaluationResult:
     """Code every sequence with every method of ``models`` (real bitstreams, decoded back),
     measure, and draw images for the first ``visual_sequences`` sequences (with x265 at
-    the last PLVC phase's rate when ffmpeg is there)."""
+    the last PLVC phase's rate when ffmpeg is there). ``coding_mode``: how PLVC's networks
+    run (default :class:`~plvc.determinism.CodingMode`)."""
     quality = models.quality
     methods = {
         INTRA_METHOD: _Method(
@@ -379,7 +389,7 @@ def evaluate_quality(
                 if phase is None:
                     decoded = _code_intra(seq, models.intra, method, gop, bar)
                 else:
-                    decoded = _code_plvc(seq, phase, method, gop, quality, bar)
+                    decoded = _code_plvc(seq, phase, method, gop, quality, coding_mode, bar)
                 if visuals is not None:
                     visuals.add([method.name, f"{method.sequence_bpp[seq.name]:.4f} bpp"], decoded)
                 del decoded

@@ -38,6 +38,7 @@ from pipeline.eval.outputs import write_evaluation
 from pipeline.eval.rd import RDPoint, read_points_json, write_points
 from pipeline.eval.report import build_report
 from pipeline.eval.testset import TestSet, center_crop_box
+from plvc.determinism import CodingMode
 
 GOP = 4
 CROP = (8, 24, 128, 128)  # carphone 176x144 -> centred 128x128
@@ -354,6 +355,18 @@ def test_yuv_sequence_is_read_cropped_and_evaluated(tmp_path: Path) -> None:
     assert result.methods["plvc_gan"]["bpp"] == result.methods["plvc_gan"]["bytes"] * 8 / (
         3 * 128 * 192
     )
+    # evaluate.coding reaches the streams, and the decoder reproduces the encoder in it
+    fast = evaluate_quality(
+        test_set,
+        models,
+        metric_set,
+        gop=-1,
+        coding_mode=CodingMode(entropy_parameters="exact", precision="bfloat16"),
+        visual_sequences=0,
+        progress=False,
+    )
+    assert fast.methods["plvc_gan"]["decoder_mismatch_frames"] == 0
+    assert fast.methods["plvc_gan"]["bytes"] > 0
 
     short = spec.model_copy(update={"frames": 4})
     with pytest.raises(EvaluationError, match=r"evaluate.sequences\[0\]\.frames"):
