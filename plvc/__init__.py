@@ -21,6 +21,7 @@ from plvc.errors import BitstreamError, IntraCodecError, PLVCError, VideoIOError
 __all__ = [
     "PLVC",
     "BitstreamError",
+    "CodingMode",
     "EncodeResult",
     "FrameStats",
     "IntraCodec",
@@ -47,6 +48,7 @@ __all__ = [
 _LAZY = {
     "PLVC": "plvc.generator",
     "PLVCConfig": "plvc.generator",
+    "CodingMode": "plvc.determinism",
     "EncodeResult": "plvc.codec",
     "FrameStats": "plvc.codec",
     "VideoDecoder": "plvc.codec",

@@ -17,7 +17,7 @@ stream header records it (format 3) and the decoder runs them the same way:
   DCVC promise, and no device-to-host copy per frame.
 - ``entropy_parameters="exact"``: the RPM runs on the CPU with exact integer convolutions
   and libm-free non-linearities (:mod:`plvc.exact`): the latents decode identically on any
-  machine, instruction set and thread count, at about 4x the portable mode's RPM time.
+  machine, instruction set and thread count, at about twice the portable mode's RPM time.
 - ``precision``: ``"float32"`` or ``"bfloat16"`` (autocast for the transforms, flow and
   motion compensation; the entropy parameters always run in float32).
 - ``channels_last``: the transforms' memory format (faster CPU kernels, other last bits).
