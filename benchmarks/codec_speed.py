@@ -3,7 +3,7 @@ coding mode, against CompressAI's ``ssf2020`` in the same run.
 
     .venv/bin/python -m benchmarks.codec_speed [--device cpu|cuda] [--sizes 416x240,1920x1088]
         [--frames 6] [--warmup 2] [--threads N] [--config paper|tiny]
-        [--modes legacy,default,bf16] [--no-ssf2020] [--no-profile]
+        [--modes legacy,default,bf16] [--no-ssf2020] [--no-profile] [--gop-workers N]
 
 What is timed is what ``plvc encode``/``plvc decode`` do per frame
 (:class:`plvc.codec.VideoEncoder` / :class:`plvc.codec.VideoDecoder`): for an I-frame the
@@ -26,6 +26,10 @@ The profile splits the median P-frame into components, timed by forward hooks (w
 device sync around each): motion estimation, the two auto-encoders' halves, motion
 compensation, the RPM (entropy parameters), entropy coding (rANS plus quantisation and
 copies) and the rest (padding, warping, memory-format and host copies, Python).
+
+``--gop-workers N``: also the whole clip, in GOPs of ``--warmup`` frames, coded and decoded
+by :mod:`plvc.parallel` with N processes of ``threads / N`` threads each, against one process
+with all threads (wall time of the whole clip, default mode, process start-ups included).
 
 ``ssf2020``: CompressAI's scale-space-flow model (Agustsson et al. 2020), random init, its
 P-frame (``encode_inter``/``decode_inter``) on the same frames (replicate-padded to
@@ -270,6 +274,44 @@ def _keyframe(net: Any, frame: torch.Tensor) -> tuple[Any, Any]:
     return out["strings"], out["shape"]
 
 
+def bench_gop_parallel(
+    model: PLVC, intra: object, clip: list[np.ndarray], gop: int, workers: int
+) -> None:
+    """Wall seconds to encode and decode the whole clip serially (all threads) and with its
+    GOPs in ``workers`` processes of ``threads / workers`` threads (:mod:`plvc.parallel`)."""
+    from plvc.codec import decode_video, encode_video
+    from plvc.parallel import decode_video_parallel, encode_video_parallel
+
+    threads = torch.get_num_threads()
+    start = time.perf_counter()
+    serial = encode_video(clip, model, intra, gop=gop)  # type: ignore[arg-type]
+    middle = time.perf_counter()
+    decode_video(serial.data, model, intra=intra)  # type: ignore[arg-type]
+    end = time.perf_counter()
+    print(
+        f"    GOP {gop}, {len(clip)} frames: one process, {threads} threads: encode "
+        f"{middle - start:.1f} s, decode {end - middle:.1f} s"
+    )
+    per_worker = max(1, threads // workers)
+    start = time.perf_counter()
+    parallel = encode_video_parallel(
+        clip,
+        model,
+        intra,
+        gop=gop,
+        workers=workers,
+        num_threads=per_worker,  # type: ignore[arg-type]
+    )
+    middle = time.perf_counter()
+    decode_video_parallel(parallel.data, model, intra, workers=workers)  # type: ignore[arg-type]
+    end = time.perf_counter()
+    print(
+        f"    {workers} processes x {per_worker} threads: encode {middle - start:.1f} s, "
+        f"decode {end - middle:.1f} s (process start-ups included)",
+        flush=True,
+    )
+
+
 def _print_profile(parts: dict[str, list[dict[str, float]]]) -> None:
     """Median ms per component of the timed P-frames, encoder and decoder side."""
     print(f"    {'P-frame component':<22}{'enc ms':>9}{'dec ms':>9}")
@@ -294,6 +336,7 @@ def main() -> None:
     )
     parser.add_argument("--no-ssf2020", action="store_true", help="skip the ssf2020 anchor")
     parser.add_argument("--no-profile", action="store_true", help="skip the component split")
+    parser.add_argument("--gop-workers", type=int, help="also time GOP-parallel coding")
     parser.add_argument("--intra-architecture", default="bmshj2018-hyperprior")
     parser.add_argument("--intra-quality", type=int, default=3)
     args = parser.parse_args()
@@ -332,6 +375,8 @@ def main() -> None:
     for size in args.sizes.split(","):
         width, height = parse_size(size)
         clip = _clip(width, height, args.warmup + args.frames)
+        if args.gop_workers:
+            bench_gop_parallel(model, intra, clip, max(args.warmup, 1), args.gop_workers)
         shipped = None if args.no_ssf2020 else bench_ssf2020(clip, args.warmup, None, device)
         for name in modes:
             mode = MODES[name]

@@ -466,6 +466,9 @@ class EvaluateConfig(_Strict):
     ffmpeg: Path | None = None
     #: the coding mode of the PLVC streams (recorded in each)
     coding: CodingModeConfig = Field(default_factory=CodingModeConfig)
+    #: processes coding each sequence's GOPs in parallel, each with cores / workers CPU
+    #: threads (plvc.parallel); 1: one stream at a time in the stage's process
+    workers: PosInt = 1
     baselines: list[BaselineSpec] = Field(
         default_factory=lambda: [
             BaselineSpec(codec="x264", points=[23, 28, 33, 38]),

@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import json
 import os
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -123,6 +124,8 @@ class FrameStats:
     """Entropy-coded bytes of the frame (container framing excluded)."""
     estimated_bits: float | None = None
     """``sum(-log2 p)`` of the coded latents under the model, when requested."""
+    seconds: float | None = None
+    """Wall time the encoder spent on the frame (the rate estimate excluded)."""
 
     @property
     def bits(self) -> int:
@@ -325,6 +328,7 @@ class VideoEncoder:
             return self._encode_frame(frame)
 
     def _encode_frame(self, frame: Frame) -> tuple[FrameStats, torch.Tensor]:
+        start = time.perf_counter()
         index = len(self.records)
         x = _as_frame_tensor(frame, index)
         if tuple(x.shape[-2:]) != (self.height, self.width):
@@ -350,6 +354,7 @@ class VideoEncoder:
             if self.estimate_bits:
                 from plvc.entropy import bits_from_likelihoods
 
+                tick = time.perf_counter()
                 training = self.model.training
                 self.model.eval()
                 try:
@@ -357,15 +362,20 @@ class VideoEncoder:
                 finally:
                     self.model.train(training)
                 estimated = float(bits_from_likelihoods(out["likelihoods"]))
+                start += time.perf_counter() - tick
             strings, shape, x_hat, self._state = self.model.compress_pframe(
                 x, self._ref, self._state, self.mode
             )
             record = FrameRecord(FrameType.P, tuple(strings), (int(shape[0]), int(shape[1])))
         self._ref = x_hat
         self.records.append(record)
-        stats = FrameStats(index, record.frame_type.name, record.payload_bytes, estimated)
+        output = x_hat[0, :, : self.height, : self.width].float().cpu()
+        seconds = time.perf_counter() - start
+        stats = FrameStats(
+            index, record.frame_type.name, record.payload_bytes, estimated, seconds=seconds
+        )
         self.stats.append(stats)
-        return stats, x_hat[0, :, : self.height, : self.width].float().cpu()
+        return stats, output
 
     @property
     def header(self) -> StreamHeader:

@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> None:
             metric_set,
             gop=cfg.gop,
             coding_mode=CodingMode(**cfg.coding.model_dump()),
+            workers=cfg.workers,
             visual_sequences=params.tracking.max_logged_images // 2,
             ffmpeg=None if cfg.ffmpeg is None else str(cfg.ffmpeg),
         )

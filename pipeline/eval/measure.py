@@ -11,7 +11,6 @@ import itertools
 import math
 import os
 import time
-import warnings
 from collections import deque
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -42,9 +41,10 @@ if TYPE_CHECKING:
     from pipeline.config import BaselineSpec, EvaluateConfig
     from pipeline.eval.baselines import BaselineConfig
 from pipeline.eval.models import INTRA_METHOD, CachedIntraCodec, PhaseModel, QualityModels
+from pipeline.eval.plvc_coding import code_gops_in_parallel, code_serially, to_uint8
 from pipeline.eval.rate_search import RateSearch, resolve_rate_points
 from pipeline.eval.testset import CROP_MULTIPLE, TestSequence, TestSet
-from pipeline.eval.visuals import Visuals
+from pipeline.eval.visuals import Visuals, matched_x265_anchor
 from plvc.determinism import CodingMode
 
 __all__ = [
@@ -79,12 +79,6 @@ def metric_config(cfg: EvaluateConfig, device: str | torch.device) -> MetricConf
         device=str(device),
         ffmpeg=None if cfg.ffmpeg is None else str(cfg.ffmpeg),
     )
-
-
-def _to_uint8(frame: torch.Tensor) -> np.ndarray:
-    """Float ``[3, H, W]`` in [0, 1] -> ``uint8 [H, W, 3]`` (what a decoder writes to a file)."""
-    x = frame.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8)
-    return x.permute(1, 2, 0).cpu().numpy()
 
 
 def _u8_tensor(frames: np.ndarray) -> torch.Tensor:
@@ -189,62 +183,57 @@ def _frame_info(
     ]
 
 
-def _digest(frame: np.ndarray) -> bytes:
-    return hashlib.sha256(frame.tobytes()).digest()
-
-
 def _code_plvc(
     seq: TestSequence,
     phase: PhaseModel,
     method: _Method,
     gop: int,
     quality: str,
-    mode: CodingMode | None,
+    coding: tuple[CodingMode | None, int],
     bar: Any,
 ) -> np.ndarray:
-    """Encode one sequence with one PLVC model, decode the bytes, check, measure."""
-    from plvc.codec import VideoDecoder, VideoEncoder
-
-    encoder = VideoEncoder(
-        phase.model,
-        phase.intra,  # type: ignore[arg-type]
-        width=seq.width,
-        height=seq.height,
-        gop=seq.gop(gop),
-        quality=quality,
-        fps=Fraction(seq.fps).limit_denominator(1001),
-        mode=mode,
-    )
-    digests, types, payloads = [], [], []
-    for frame in seq.frames:
-        start = time.perf_counter()
-        stats, x_hat = encoder.encode_frame(frame)
-        if stats.frame_type == "P":  # the I-frames are the intra codec's (measured alone)
-            method.time("encode_ms_per_pframe", time.perf_counter() - start)
-        digests.append(_digest(_to_uint8(x_hat)))
-        types.append(stats.frame_type)
-        payloads.append(stats.payload_bytes)
-        bar.update(0.5)
-    data = encoder.finish()
-    decoder = VideoDecoder(data, phase.model, intra=phase.intra)  # type: ignore[arg-type]
-    if len(decoder) != seq.num_frames:
+    """Encode one sequence with one PLVC model, decode the bytes, check, measure.
+    ``coding``: the coding mode and the worker processes (> 1: GOPs in parallel)."""
+    mode, workers = coding
+    options = {
+        "gop": seq.gop(gop),
+        "quality": quality,
+        "fps": Fraction(seq.fps).limit_denominator(1001),
+        "mode": mode,
+    }
+    if workers > 1:
+        coded = code_gops_in_parallel(
+            seq.frames,
+            phase.model,
+            phase.intra,
+            workers,
+            **options,  # type: ignore[arg-type]
+        )
+        bar.update(seq.num_frames)
+    else:
+        coded = code_serially(
+            seq.frames,
+            phase.model,
+            phase.intra,
+            bar.update,
+            **options,  # type: ignore[arg-type]
+        )
+    if len(coded.decoded) != seq.num_frames:
         raise EvaluationError(
-            f"{method.name} {seq.name}: the stream holds {len(decoder)} frames, "
+            f"{method.name} {seq.name}: the stream holds {len(coded.decoded)} frames, "
             f"not {seq.num_frames}"
         )
-    decoded = np.empty_like(seq.frames)
-    frames = iter(decoder)
-    for i in range(seq.num_frames):
-        start = time.perf_counter()
-        frame = next(frames)
-        if types[i] == "P":
-            method.time("decode_ms_per_pframe", time.perf_counter() - start)
-        decoded[i] = _to_uint8(frame)
-        method.mismatches += _digest(decoded[i]) != digests[i]
-        bar.update(0.5)
-    method.payload_bytes += sum(payloads)
-    method.measure(seq, decoded, len(data), _frame_info(types, payloads, seq.height * seq.width))
-    return decoded
+    for key, values in (
+        ("encode_ms_per_pframe", coded.encode_seconds),
+        ("decode_ms_per_pframe", coded.decode_seconds),
+    ):
+        for seconds in values:
+            method.time(key, seconds)
+    method.mismatches += coded.mismatches
+    method.payload_bytes += sum(coded.payloads)
+    info = _frame_info(coded.types, coded.payloads, seq.height * seq.width)
+    method.measure(seq, coded.decoded, len(coded.data), info)
+    return coded.decoded
 
 
 def _code_intra(
@@ -263,7 +252,7 @@ def _code_intra(
         start = time.perf_counter()
         image = intra.inner.decode(payload)
         method.time("decode_ms_per_frame", time.perf_counter() - start)
-        decoded[i] = _to_uint8(image)
+        decoded[i] = to_uint8(image)
         payloads.append(len(payload))
         if i % period == 0:
             intra.remember(x, payload, image)
@@ -272,29 +261,6 @@ def _code_intra(
     info = _frame_info(["I"] * len(payloads), payloads, seq.height * seq.width)
     method.measure(seq, decoded, sum(payloads), info)
     return decoded
-
-
-def _matched_anchor(
-    seq: TestSequence, target_bpp: float, gop: int, ffmpeg: str | None, span: int
-) -> tuple[np.ndarray, float] | None:
-    """x265 on the first ``span`` frames at ``target_bpp`` (two-pass), for the images."""
-    from pipeline.eval.baselines import BaselineConfig, BaselineError, encode_decode
-
-    cfg = BaselineConfig(
-        codec="x265",
-        rate_control="bpp",
-        points=(target_bpp,),
-        gop_size=min(seq.gop(gop), span),
-        fps=seq.fps,
-        ffmpeg=ffmpeg,
-    )
-    try:
-        result = encode_decode(_u8_tensor(seq.frames[:span]), cfg, target_bpp, matrix=seq.matrix)
-    except BaselineError as exc:
-        warnings.warn(f"{seq.name}: no x265 image at {target_bpp:.4f} bpp: {exc}", stacklevel=2)
-        return None
-    frames = (result.decoded * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    return frames, result.bpp
 
 
 @dataclass
@@ -354,6 +320,7 @@ def evaluate_quality(
     *,
     gop: int,
     coding_mode: CodingMode | None = None,
+    workers: int = 1,
     visual_sequences: int = 2,
     ffmpeg: str | None = None,
     chunk_pixels: int = CHUNK_PIXELS,
@@ -362,7 +329,8 @@ def evaluate_quality(
     """Code every sequence with every method of ``models`` (real bitstreams, decoded back),
     measure, and draw images for the first ``visual_sequences`` sequences (with x265 at
     the last PLVC phase's rate when ffmpeg is there). ``coding_mode``: how PLVC's networks
-    run (default :class:`~plvc.determinism.CodingMode`)."""
+    run (default :class:`~plvc.determinism.CodingMode`); ``workers`` > 1: each sequence's
+    GOPs coded by that many processes."""
     quality = models.quality
     methods = {
         INTRA_METHOD: _Method(
@@ -389,14 +357,15 @@ def evaluate_quality(
                 if phase is None:
                     decoded = _code_intra(seq, models.intra, method, gop, bar)
                 else:
-                    decoded = _code_plvc(seq, phase, method, gop, quality, coding_mode, bar)
+                    coding = (coding_mode, workers)
+                    decoded = _code_plvc(seq, phase, method, gop, quality, coding, bar)
                 if visuals is not None:
                     visuals.add([method.name, f"{method.sequence_bpp[seq.name]:.4f} bpp"], decoded)
                 del decoded
             if visuals is not None:
                 last = methods[models.phases[-1].method] if models.phases else methods[INTRA_METHOD]
                 target = last.sequence_bpp[seq.name]
-                anchor = _matched_anchor(seq, target, gop, ffmpeg, visuals.span)
+                anchor = matched_x265_anchor(seq, target, gop, ffmpeg, visuals.span)
                 if anchor is not None:
                     visuals.add(["x265 (matched)", f"{anchor[1]:.4f} bpp"], anchor[0], position=1)
                 for kind, image in visuals.render().items():

@@ -4,9 +4,11 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 
 from pipeline.eval.testset import TestSequence
 from pipeline.images import temporal_profile
@@ -14,6 +16,7 @@ from pipeline.images import temporal_profile
 __all__ = [
     "VISUAL_SPAN",
     "Visuals",
+    "matched_x265_anchor",
 ]
 
 
@@ -93,3 +96,29 @@ class Visuals:
                 np.full((gap, _LABEL_WIDTH + vw, 3), 255, np.uint8),
             ]
         return {"frames": np.concatenate(rows), "profile": np.concatenate(blocks[:-1])}
+
+
+def matched_x265_anchor(
+    seq: TestSequence, target_bpp: float, gop: int, ffmpeg: str | None, span: int
+) -> tuple[np.ndarray, float] | None:
+    """x265 on the first ``span`` frames at ``target_bpp`` (two-pass), for the images."""
+    from pipeline.eval.baselines import BaselineConfig, BaselineError, encode_decode
+
+    cfg = BaselineConfig(
+        codec="x265",
+        rate_control="bpp",
+        points=(target_bpp,),
+        gop_size=min(seq.gop(gop), span),
+        fps=seq.fps,
+        ffmpeg=ffmpeg,
+    )
+    try:
+        source = torch.from_numpy(np.ascontiguousarray(seq.frames[:span]))
+        result = encode_decode(
+            source.permute(0, 3, 1, 2).float().div(255.0), cfg, target_bpp, matrix=seq.matrix
+        )
+    except BaselineError as exc:
+        warnings.warn(f"{seq.name}: no x265 image at {target_bpp:.4f} bpp: {exc}", stacklevel=2)
+        return None
+    frames = (result.decoded * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return frames, result.bpp

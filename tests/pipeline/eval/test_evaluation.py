@@ -367,6 +367,23 @@ def test_yuv_sequence_is_read_cropped_and_evaluated(tmp_path: Path) -> None:
     )
     assert fast.methods["plvc_gan"]["decoder_mismatch_frames"] == 0
     assert fast.methods["plvc_gan"]["bytes"] > 0
+    # GOPs coded by two worker processes: the serial figures (same threads per stream)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        runs = [
+            evaluate_quality(
+                test_set, models, metric_set, gop=2, workers=w, visual_sequences=0, progress=False
+            )
+            for w in (1, 2)
+        ]
+    finally:
+        torch.set_num_threads(previous)
+    serial, parallel = (run.methods["plvc_gan"] for run in runs)
+    assert parallel["decoder_mismatch_frames"] == 0
+    for key in ("bytes", "psnr_rgb", "num_frames"):
+        assert parallel[key] == serial[key], key
+    assert parallel["encode_ms_per_pframe"] > 0 and parallel["decode_ms_per_pframe"] > 0
 
     short = spec.model_copy(update={"frames": 4})
     with pytest.raises(EvaluationError, match=r"evaluate.sequences\[0\]\.frames"):
