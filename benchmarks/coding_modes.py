@@ -91,6 +91,11 @@ def main() -> None:
         batch_size=args.batch,
         crop=args.crop,
     )
+    print(
+        f"{len(pairs)} train pairs, {len(heldout_pairs)} held-out pairs ({WIDTH}x{HEIGHT}); "
+        f"training {args.model} single-P for {args.steps} steps at λ = {lmbda:g}",
+        flush=True,
+    )
     torch.manual_seed(args.seed)
     initial = copy.deepcopy(phase.build_models().generator.state_dict())
     _, model = train(phase, initial, pairs, heldout_pairs, args, bf16=False)
