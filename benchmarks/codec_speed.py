@@ -42,6 +42,7 @@ Paper reference for PLVC: 63 ms encode / 31 ms decode per 240p frame on a TITAN 
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import statistics
 import time
@@ -362,6 +363,8 @@ def main() -> None:
         allow_random_init=True,
         device=device,
     )
+    # the clock's hooks cannot be pickled: worker processes get a copy without them
+    plain = copy.deepcopy(model) if args.gop_workers else model
     clock = ComponentClock(model, device)
     params = sum(p.numel() for p in model.parameters()) / 1e6
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
@@ -376,7 +379,7 @@ def main() -> None:
         width, height = parse_size(size)
         clip = _clip(width, height, args.warmup + args.frames)
         if args.gop_workers:
-            bench_gop_parallel(model, intra, clip, max(args.warmup, 1), args.gop_workers)
+            bench_gop_parallel(plain, intra, clip, max(args.warmup, 1), args.gop_workers)
         shipped = None if args.no_ssf2020 else bench_ssf2020(clip, args.warmup, None, device)
         for name in modes:
             mode = MODES[name]
