@@ -160,13 +160,12 @@ def train(
     return rows, plvc
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_training_arguments(parser: argparse.ArgumentParser, model: str) -> None:
+    """The single-P training's options (shared with ``benchmarks.coding_modes``)."""
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--quality", default="high")
-    parser.add_argument("--model", default="tiny", choices=["tiny", "paper"])
+    parser.add_argument("--model", default=model, choices=["tiny", "paper"])
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--every", type=int, default=50)
     parser.add_argument("--crop", type=int, default=128)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--lr", type=float, default=5e-4)
@@ -174,6 +173,25 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=120, help="frames read per video")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+
+
+def single_p_phase(args: argparse.Namespace, lmbda: float) -> SinglePPhase:
+    """The single-P phase of :func:`add_training_arguments`' options at ``lmbda``."""
+    return SinglePPhase(
+        quality=args.quality,
+        lmbda=lmbda,
+        model=model_config(args.model).to_dict(),
+        lr=args.lr,
+        prior_lr=args.prior_lr,
+        batch_size=args.batch,
+        crop=args.crop,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_training_arguments(parser, model="tiny")
+    parser.add_argument("--every", type=int, default=50)
     parser.add_argument("--floor-models", nargs="*", default=["tiny", "paper"])
     parser.add_argument("--out", type=Path, default=Path("reports/bf16_gap"))
     args = parser.parse_args()
@@ -188,15 +206,7 @@ def main() -> None:
         f"{args.crop}² crops, {args.threads} threads",
         flush=True,
     )
-    phase = SinglePPhase(
-        quality=args.quality,
-        lmbda=lmbda,
-        model=model_config(args.model).to_dict(),
-        lr=args.lr,
-        prior_lr=args.prior_lr,
-        batch_size=args.batch,
-        crop=args.crop,
-    )
+    phase = single_p_phase(args, lmbda)
     torch.manual_seed(args.seed)
     initial = copy.deepcopy(phase.build_models().generator.state_dict())
 

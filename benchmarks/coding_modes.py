@@ -26,11 +26,16 @@ import cv2
 import numpy as np
 import torch
 
-from benchmarks.bf16_gap import HEIGHT, WIDTH, read_pairs, train
+from benchmarks.bf16_gap import (
+    HEIGHT,
+    WIDTH,
+    add_training_arguments,
+    read_pairs,
+    single_p_phase,
+    train,
+)
 from benchmarks.codec_speed import MODES
 from pipeline.config import load_params
-from pipeline.train.phases.plvc import SinglePPhase
-from pipeline.train.phases.plvc_models import model_config
 from plvc.bitstream import decode_container
 from plvc.codec import decode_video, encode_video
 from plvc.errors import BitstreamError
@@ -63,17 +68,7 @@ register_intra_codec(PngIntraCodec.name, PngIntraCodec)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--quality", default="high")
-    parser.add_argument("--model", default="paper", choices=["tiny", "paper"])
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--crop", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--prior-lr", type=float, default=1e-2)
-    parser.add_argument("--frames", type=int, default=120, help="frames read per video")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
+    add_training_arguments(parser, model="paper")
     parser.add_argument("--modes", default="legacy,default,device,exact,bf16")
     args = parser.parse_args()
     args.every = args.steps
@@ -82,15 +77,7 @@ def main() -> None:
 
     lmbda = float(load_params(args.params).qualities[args.quality].lmbda)  # type: ignore[index]
     pairs, heldout_pairs = read_pairs(args.frames)
-    phase = SinglePPhase(
-        quality=args.quality,
-        lmbda=lmbda,
-        model=model_config(args.model).to_dict(),
-        lr=args.lr,
-        prior_lr=args.prior_lr,
-        batch_size=args.batch,
-        crop=args.crop,
-    )
+    phase = single_p_phase(args, lmbda)
     print(
         f"{len(pairs)} train pairs, {len(heldout_pairs)} held-out pairs ({WIDTH}x{HEIGHT}); "
         f"training {args.model} single-P for {args.steps} steps at λ = {lmbda:g}",

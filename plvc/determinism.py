@@ -90,10 +90,6 @@ class CodingMode:
         return cls(channels_last=False)
 
     @property
-    def portable(self) -> bool:
-        return self.entropy_parameters == "portable"
-
-    @property
     def autocast_dtype(self) -> torch.dtype | None:
         """The autocast dtype of the transforms, ``None`` for float32 (autocast off)."""
         return torch.bfloat16 if self.precision == "bfloat16" else None

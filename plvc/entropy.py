@@ -14,8 +14,8 @@ models keep each one small and let motion and residual statistics differ.
 
 Coding (``compress``/``decompress``) runs the probability model and the quantisation
 through :mod:`plvc.determinism` so encoder and decoder derive bit-identical tables: on the
-CPU in float32 on one thread by default (portable), or where the frames are
-(``device=``, the ``"device"`` mode of :class:`plvc.determinism.CodingMode`).
+CPU in float32 on one thread by default (portable), where the frames are (``"device"``) or
+exactly (``"exact"``, :mod:`plvc.exact`): the modes of :class:`plvc.determinism.CodingMode`.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +35,14 @@ with warnings.catch_warnings():
     from compressai.entropy_models import EntropyBottleneck, EntropyModel, GaussianConditional
     from compressai.ops import quantize_ste
 
-from plvc.determinism import CODING_DEVICE, CODING_DTYPE, cpu_functional_call
+from plvc.determinism import (
+    CODING_DEVICE,
+    CODING_DTYPE,
+    ENTROPY_PARAMETER_MODES,
+    cpu_functional_call,
+    deterministic_coding,
+    device_coding,
+)
 from plvc.exact import exact_entropy_parameters
 from plvc.layers import ConvLSTMCell, LSTMState
 
@@ -189,22 +197,23 @@ class LatentEntropyModel(nn.Module):
         shape: tuple[int, int],
         prev_latent: Tensor | None,
         rpm_state: LSTMState | None,
+        entropy_parameters: str,
         device: torch.device | None,
-        exact: bool,
     ) -> tuple[EntropyModel, Tensor, Tensor, LSTMState | None]:
         """``(entropy model, CDF indexes, means, new RPM state)`` of a latent of ``shape``."""
-        where = CODING_DEVICE if device is None else device
+        on_device = device if entropy_parameters == "device" else None
         if prev_latent is None:
+            where = CODING_DEVICE if on_device is None else on_device
             means = _medians(self.bottleneck).to(where)
             indexes = _channel_indexes(self.latent_channels, shape).to(where)
             return self.bottleneck, indexes, means, None
-        if exact:
+        if entropy_parameters == "exact":
             means, indexes, new_state = exact_entropy_parameters(
                 self.rpm, self.gaussian.scale_table, prev_latent, rpm_state
             )
             self._check_shape(means, shape)
             return self.gaussian, indexes, means, new_state
-        means, scales, new_state = self._entropy_parameters(prev_latent, rpm_state, device)
+        means, scales, new_state = self._entropy_parameters(prev_latent, rpm_state, on_device)
         self._check_shape(scales, shape)
         return self.gaussian, gaussian_indexes(self.gaussian, scales), means, new_state
 
@@ -216,31 +225,47 @@ class LatentEntropyModel(nn.Module):
                 f"{tuple(parameters.shape[-2:])}"
             )
 
+    @staticmethod
+    def _coding(entropy_parameters: str, device: torch.device | None) -> AbstractContextManager:
+        """Where and how the entropy parameters run (:class:`plvc.determinism.CodingMode`)."""
+        if entropy_parameters not in ENTROPY_PARAMETER_MODES:
+            raise ValueError(
+                f"entropy_parameters must be one of {ENTROPY_PARAMETER_MODES}, "
+                f"got {entropy_parameters!r}"
+            )
+        if entropy_parameters == "device":
+            if device is None:
+                raise ValueError('entropy_parameters="device" needs the device')
+            return device_coding(device)
+        if entropy_parameters == "exact":
+            return device_coding(CODING_DEVICE)
+        return deterministic_coding()
+
     def compress(
         self,
         y: Tensor,
         prev_latent: Tensor | None,
         rpm_state: LSTMState | None,
+        entropy_parameters: str = "portable",
         device: torch.device | None = None,
-        exact: bool = False,
     ) -> tuple[bytes, Tensor, LSTMState | None]:
         """Code ``y`` [1, C, h, w]; returns ``(string, y_hat, new_rpm_state)``.
 
-        ``device=None`` (portable): the entropy parameters run on the CPU (float32, call
-        inside :func:`plvc.determinism.deterministic_coding`) and ``y_hat`` is a CPU
-        float32 tensor; otherwise they run on ``device`` (inside
-        :func:`plvc.determinism.device_coding`) and ``y_hat`` stays there. ``exact``: they
-        run on the CPU with :func:`plvc.exact.exact_entropy_parameters` (any machine
-        derives the same). ``y_hat`` is exactly what :meth:`decompress` returns: both
-        compute ``float(symbol) + mean`` with the same mean.
+        ``entropy_parameters``: ``"portable"`` runs them on the CPU (float32, one thread)
+        and ``y_hat`` is a CPU float32 tensor; ``"device"`` runs them on ``device``
+        (deterministic algorithms) and ``y_hat`` stays there; ``"exact"`` runs
+        :func:`plvc.exact.exact_entropy_parameters` on the CPU (any machine derives the
+        same). ``y_hat`` is exactly what :meth:`decompress` returns: both compute
+        ``float(symbol) + mean`` with the same mean.
         """
-        where = CODING_DEVICE if device is None else device
-        y = y.detach().to(where, CODING_DTYPE).contiguous()
-        model, indexes, means, new_state = self._coding_model(
-            tuple(y.shape[-2:]), prev_latent, rpm_state, device, exact
-        )
-        string = EntropyModel.compress(model, y, indexes, means)[0]
-        y_hat = model.quantize(y, "dequantize", means)
+        with self._coding(entropy_parameters, device):
+            where = device if entropy_parameters == "device" else CODING_DEVICE
+            y = y.detach().to(where, CODING_DTYPE).contiguous()
+            model, indexes, means, new_state = self._coding_model(
+                tuple(y.shape[-2:]), prev_latent, rpm_state, entropy_parameters, device
+            )
+            string = EntropyModel.compress(model, y, indexes, means)[0]
+            y_hat = model.quantize(y, "dequantize", means)
         return string, y_hat, new_state
 
     def decompress(
@@ -249,18 +274,20 @@ class LatentEntropyModel(nn.Module):
         shape: tuple[int, int],
         prev_latent: Tensor | None,
         rpm_state: LSTMState | None,
+        entropy_parameters: str = "portable",
         device: torch.device | None = None,
-        exact: bool = False,
     ) -> tuple[Tensor, LSTMState | None]:
-        """Decode a latent of spatial ``shape``; returns ``(y_hat, new_rpm_state)``, on the
-        CPU (``device=None``) or on ``device``, as :meth:`compress` does."""
-        model, indexes, means, new_state = self._coding_model(
-            tuple(shape), prev_latent, rpm_state, device, exact
-        )
-        # symbols come back on the tables' device (the module's); the mean is added where
-        # the entropy parameters are, the same float addition as compress's dequantize
-        symbols = EntropyModel.decompress(model, [string], indexes, CODING_DTYPE)
-        return symbols.to(means.device) + means, new_state
+        """Decode a latent of spatial ``shape``; returns ``(y_hat, new_rpm_state)``, where
+        :meth:`compress` puts them for the same ``entropy_parameters``."""
+        with self._coding(entropy_parameters, device):
+            model, indexes, means, new_state = self._coding_model(
+                tuple(shape), prev_latent, rpm_state, entropy_parameters, device
+            )
+            # symbols come back on the tables' device (the module's); the mean is added where
+            # the entropy parameters are, the same float addition as compress's dequantize
+            symbols = EntropyModel.decompress(model, [string], indexes, CODING_DTYPE)
+            y_hat = symbols.to(means.device) + means
+        return y_hat, new_state
 
     def is_updated(self) -> bool:
         """Whether the CDF tables exist (``update()`` was called or they were loaded)."""

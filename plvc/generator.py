@@ -34,7 +34,7 @@ with warnings.catch_warnings():
     from compressai.models import CompressionModel
     from compressai.models.base import get_scale_table
 
-from plvc.determinism import CodingMode, deterministic_coding, device_coding
+from plvc.determinism import CodingMode, deterministic_coding
 from plvc.entropy import QUANTIZERS, LatentEntropyModel, bits_from_likelihoods, bpp
 from plvc.errors import BitstreamError, PLVCError
 from plvc.flow import PyramidFlow, warp
@@ -501,24 +501,6 @@ class PLVC(CompressionModel):
         ):
             yield
 
-    @staticmethod
-    def _entropy_coding(
-        mode: CodingMode, device: torch.device
-    ) -> contextlib.AbstractContextManager:
-        if mode.entropy_parameters == "device":
-            return device_coding(device)
-        if mode.entropy_parameters == "exact":
-            return device_coding(torch.device("cpu"))
-        return deterministic_coding()
-
-    @staticmethod
-    def _entropy_where(mode: CodingMode, device: torch.device) -> dict[str, Any]:
-        """Keyword arguments of :meth:`LatentEntropyModel.compress` for ``mode``."""
-        return {
-            "device": device if mode.entropy_parameters == "device" else None,
-            "exact": mode.entropy_parameters == "exact",
-        }
-
     def compress_pframe(
         self,
         x: Tensor,
@@ -552,17 +534,16 @@ class PLVC(CompressionModel):
         self._check_coding(x)
         self._check_state(state, self._latent_shape(x))
         device, dtype = x.device, x.dtype
-        where = self._entropy_where(mode, device)
         flow = self.motion_estimation(x_ref_hat, x)
 
         y_motion, motion_enc = self.motion_encoder(flow, state.motion_encoder if state else None)
-        with self._entropy_coding(mode, device):
-            motion_string, y_motion_hat, motion_rpm = self.motion_entropy.compress(
-                y_motion,
-                state.prev_y_motion if state else None,
-                state.motion_rpm if state else None,
-                **where,
-            )
+        motion_string, y_motion_hat, motion_rpm = self.motion_entropy.compress(
+            y_motion,
+            state.prev_y_motion if state else None,
+            state.motion_rpm if state else None,
+            mode.entropy_parameters,
+            device,
+        )
         _, _, x_mc, motion_dec = self._motion_synthesis(
             y_motion_hat.to(device, dtype), x_ref_hat, state.motion_decoder if state else None
         )
@@ -570,13 +551,13 @@ class PLVC(CompressionModel):
         y_residual, residual_enc = self.residual_encoder(
             x - x_mc, state.residual_encoder if state else None
         )
-        with self._entropy_coding(mode, device):
-            residual_string, y_residual_hat, residual_rpm = self.residual_entropy.compress(
-                y_residual,
-                state.prev_y_residual if state else None,
-                state.residual_rpm if state else None,
-                **where,
-            )
+        residual_string, y_residual_hat, residual_rpm = self.residual_entropy.compress(
+            y_residual,
+            state.prev_y_residual if state else None,
+            state.residual_rpm if state else None,
+            mode.entropy_parameters,
+            device,
+        )
         x_hat, new_state = self._reconstruct_pframe(
             x_mc,
             y_motion_hat,
@@ -670,27 +651,26 @@ class PLVC(CompressionModel):
             )
         self._check_state(state, (1, self.config.latent_channels, *shape))
         device, dtype = x_ref_hat.device, x_ref_hat.dtype
-        where = self._entropy_where(mode, device)
 
-        with self._entropy_coding(mode, device):
-            y_motion_hat, motion_rpm = self.motion_entropy.decompress(
-                bytes(strings[0]),
-                shape,
-                state.prev_y_motion if state else None,
-                state.motion_rpm if state else None,
-                **where,
-            )
+        y_motion_hat, motion_rpm = self.motion_entropy.decompress(
+            bytes(strings[0]),
+            shape,
+            state.prev_y_motion if state else None,
+            state.motion_rpm if state else None,
+            mode.entropy_parameters,
+            device,
+        )
         _, _, x_mc, motion_dec = self._motion_synthesis(
             y_motion_hat.to(device, dtype), x_ref_hat, state.motion_decoder if state else None
         )
-        with self._entropy_coding(mode, device):
-            y_residual_hat, residual_rpm = self.residual_entropy.decompress(
-                bytes(strings[1]),
-                shape,
-                state.prev_y_residual if state else None,
-                state.residual_rpm if state else None,
-                **where,
-            )
+        y_residual_hat, residual_rpm = self.residual_entropy.decompress(
+            bytes(strings[1]),
+            shape,
+            state.prev_y_residual if state else None,
+            state.residual_rpm if state else None,
+            mode.entropy_parameters,
+            device,
+        )
         return self._reconstruct_pframe(
             x_mc,
             y_motion_hat,

@@ -67,16 +67,20 @@ def test_y4m_round_trip_from_the_command_line(setup: Setup) -> None:
 
     # the CLI's stream is exactly what the library makes from the same frames
     video = read_video(source)
-    again = encode_video(
-        video.frames,
-        setup.model,
-        setup.intra,
-        gop=3,
-        quality="low",
-        fps=video.fps,
-        num_threads=header.cpu_threads,
-    )
-    assert again.data == stream.read_bytes()
+
+    def library_stream(mode: CodingMode | None = None) -> bytes:
+        return encode_video(
+            video.frames,
+            setup.model,
+            setup.intra,
+            gop=3,
+            quality="low",
+            fps=video.fps,
+            num_threads=header.cpu_threads,
+            mode=mode,
+        ).data
+
+    assert library_stream() == stream.read_bytes()
 
     decoded_path = setup.folder / "decoded.y4m"
     decoded = run_cli("decode", stream, "-o", decoded_path, "--weights", setup.weights)
@@ -100,17 +104,7 @@ def test_y4m_round_trip_from_the_command_line(setup: Setup) -> None:
     assert encoded.returncode == 0, encoded.stderr
     mode = CodingMode(entropy_parameters="device", precision="bfloat16")
     assert read_stream(fast)[0].coding_mode == mode
-    again = encode_video(
-        video.frames,
-        setup.model,
-        setup.intra,
-        gop=3,
-        quality="low",
-        fps=video.fps,
-        num_threads=header.cpu_threads,
-        mode=mode,
-    )
-    assert again.data == fast.read_bytes()
+    assert library_stream(mode) == fast.read_bytes()
 
 
 def test_png_folder_round_trip_with_odd_size(
