@@ -75,6 +75,7 @@ if TYPE_CHECKING:
     import ray.data
     import ray.train
 from pipeline.train.checkpoint import check_resumable, latest_checkpoint, load_models, ray_run_dir
+from pipeline.train.entry import pack_loop_config, train_worker
 from pipeline.train.phase import (
     DataError,
     NonFiniteLossError,
@@ -82,7 +83,6 @@ from pipeline.train.phase import (
     TrainingPhase,
     TrainingRunError,
 )
-from pipeline.train.worker import train_worker
 
 __all__ = [
     "fingerprinted_run_name",
@@ -123,7 +123,8 @@ def _fit(
     stage: str,
     run_dir: str,
 ) -> tuple[dict[str, Any], ray.train.Checkpoint]:
-    """One ``TorchTrainer.fit`` of :func:`~pipeline.train.worker.train_worker`; returns rank 0's
+    """One ``TorchTrainer.fit`` of :func:`~pipeline.train.worker.train_worker` (through
+    :mod:`pipeline.train.entry`); returns rank 0's
     summary and the last checkpoint, or raises the error that names what went wrong."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -146,7 +147,7 @@ def _fit(
         resources["GPU"] = cfg.gpus_per_worker
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config=loop_config,
+        train_loop_config=pack_loop_config(loop_config),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else cfg.cpu_backend),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers,
@@ -297,6 +298,8 @@ def run_phase(
             "tracking_uri": tracking_uri,
             "mlflow_run_id": run_id,
             "bf16": cfg.bf16,
+            "cpu_bf16": cfg.cpu_bf16,
+            "channels_last": cfg.channels_last,
             "grad_clip": cfg.grad_clip,
             "log_every": cfg.log_every,
             "image_every": cfg.image_every,
@@ -311,6 +314,7 @@ def run_phase(
         "steps": summary["step"],
         "started_from_step": summary.get("started_from_step"),
         "world_size": summary.get("world_size"),
+        "precision": summary.get("precision"),
         "worker_nodes": summary.get("worker_nodes"),
         "mlflow_unlogged_metrics": summary.get("mlflow_unlogged_metrics", 0),
         "mlflow_unlogged_images": summary.get("mlflow_unlogged_images", 0),

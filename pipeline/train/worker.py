@@ -35,6 +35,8 @@ from pipeline.train.reporting import MetricAverager, MlflowSink
 from pipeline.train.stepper import PhaseStepper
 
 __all__ = [
+    "autocast_dtype",
+    "native_cpu_bf16",
     "train_worker",
 ]
 
@@ -89,6 +91,20 @@ class _Run:
         return self.phase.batch_size // self.world
 
 
+def native_cpu_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AMX tiles or AVX512-BF16), where oneDNN's bf16
+    convolutions beat float32; elsewhere they are emulated and slower."""
+    return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+
+
+def autocast_dtype(device: torch.device, *, gpu_bf16: bool, cpu_bf16: bool) -> torch.dtype | None:
+    """The training autocast dtype on ``device`` (``None``: float32): ``runner.bf16`` on a GPU,
+    ``runner.cpu_bf16`` on a CPU with native bf16."""
+    if device.type == "cuda":
+        return torch.bfloat16 if gpu_bf16 else None
+    return torch.bfloat16 if cpu_bf16 and native_cpu_bf16() else None
+
+
 def _start(config: dict[str, Any]) -> _Run:
     """Build the phase's models and optimizers on this worker's device, then resume from Ray's
     checkpoint or apply the init weights; seeds every RNG for this rank."""
@@ -105,8 +121,9 @@ def _start(config: dict[str, Any]) -> _Run:
 
     seed_everything(seed)  # same initial weights on every rank
     models = phase.build_models()
+    layout = torch.channels_last if config["channels_last"] else torch.contiguous_format
     for module in models.named().values():
-        module.to(device)
+        module.to(device, memory_format=layout)
     phase.setup(device)
     run = _Run(
         config,
@@ -279,13 +296,16 @@ def _train_worker_inner(config: dict[str, Any]) -> dict[str, Any]:
         return {**summary, "step": run.step, "metrics": run.last_metrics, "epoch": run.epoch}
 
     phase = run.phase
-    bf16 = config["bf16"] and run.device.type == "cuda"
+    dtype = autocast_dtype(run.device, gpu_bf16=config["bf16"], cpu_bf16=config["cpu_bf16"])
+    summary["precision"] = "bfloat16" if dtype is not None else "float32"
+    if config["cpu_bf16"] and run.device.type == "cpu" and dtype is None and run.is_main:
+        _worker_log.warning(
+            "[%s] runner.cpu_bf16: this CPU has no native bf16 (AMX / AVX512-BF16): "
+            "training in float32",
+            config["run_name"],
+        )
     stepper = PhaseStepper(
-        phase,
-        _ddp_models(run),
-        run.optimizers,
-        grad_clip=config["grad_clip"],
-        autocast_dtype=torch.bfloat16 if bf16 else None,
+        phase, _ddp_models(run), run.optimizers, grad_clip=config["grad_clip"], autocast_dtype=dtype
     )
     sink = (
         MlflowSink(

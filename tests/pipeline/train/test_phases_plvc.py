@@ -26,6 +26,7 @@ from pipeline.config import (
     TrainConfig,
 )
 from pipeline.tracking import stage_run
+from pipeline.train import worker as worker_module
 from pipeline.train.checkpoint import (
     capture_rng_state,
     load_checkpoint,
@@ -42,7 +43,8 @@ from pipeline.train.phases.plvc_models import (
 )
 from pipeline.train.runner import run_phase
 from pipeline.train.stepper import PhaseStepper
-from plvc.generator import PLVCConfig
+from pipeline.train.worker import autocast_dtype
+from plvc.generator import PLVC, PLVCConfig
 from plvc.losses import frame_rates, mse_per_frame
 from plvc.weights import load_weights
 
@@ -269,6 +271,56 @@ def test_bf16_autocast_follows_the_models_device() -> None:
         assert all(lik.dtype == torch.float32 for lik in outputs["likelihoods"][0].values())
         terms = stepper.step(batch, 1)
         assert torch.isfinite(terms["loss"])
+
+
+def test_training_autocast_follows_the_device_and_the_cpus_bf16(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """runner.bf16 acts on GPUs; runner.cpu_bf16 on CPUs with native bf16 only (emulated bf16
+    would be slower than float32)."""
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert autocast_dtype(gpu, gpu_bf16=True, cpu_bf16=False) is torch.bfloat16
+    assert autocast_dtype(gpu, gpu_bf16=False, cpu_bf16=True) is None
+    assert autocast_dtype(cpu, gpu_bf16=True, cpu_bf16=False) is None
+    monkeypatch.setattr(worker_module, "native_cpu_bf16", lambda: True)
+    assert autocast_dtype(cpu, gpu_bf16=False, cpu_bf16=True) is torch.bfloat16
+    monkeypatch.setattr(worker_module, "native_cpu_bf16", lambda: False)
+    assert autocast_dtype(cpu, gpu_bf16=True, cpu_bf16=True) is None
+
+
+def test_channels_last_and_bf16_training_learn_like_float32() -> None:
+    """The sample's runner.channels_last and runner.cpu_bf16: the loss falls as in float32
+    NCHW (channels-last float32: the same numbers up to rounding), and channels-last weights
+    load into a plain model that reconstructs alike."""
+    batch = _batch(frames=2)
+    losses: dict[str, list[float]] = {}
+    trained: dict[str, torch.nn.Module] = {}
+    settings = {
+        "float32": (torch.contiguous_format, None),
+        "channels_last": (torch.channels_last, None),
+        "channels_last_bf16": (torch.channels_last, torch.bfloat16),
+    }
+    for name, (layout, dtype) in settings.items():
+        torch.manual_seed(0)
+        phase = SinglePPhase(crop=SIZE, batch_size=2, lr=1e-3)
+        models = phase.build_models()
+        models.generator.to(memory_format=layout)
+        stepper = PhaseStepper(
+            phase, models, phase.build_optimizers(models), grad_clip=1.0, autocast_dtype=dtype
+        )
+        losses[name] = [float(stepper.step(batch, step)["loss"]) for step in range(1, 13)]
+        trained[name] = models.generator.plvc
+    for name, curve in losses.items():
+        assert np.mean(curve[-3:]) < 0.7 * np.mean(curve[:3]), (name, curve)
+    np.testing.assert_allclose(losses["channels_last"], losses["float32"], rtol=1e-3)
+
+    restored = PLVC(PLVCConfig.tiny())
+    restored.load_state_dict(trained["channels_last"].state_dict())
+    with torch.no_grad():
+        ref = batch.iframe
+        out = restored.eval().forward_pframe(batch.frames[:, 1], ref)["x_hat"]
+        expected = trained["channels_last"].eval().forward_pframe(batch.frames[:, 1], ref)["x_hat"]
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_multi_p_gradient_of_the_last_frame_reaches_the_first_frame() -> None:
