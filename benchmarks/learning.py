@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.config import Params, load_params
+from pipeline.config import Params, load_params, with_every_quality
 from pipeline.ray_cluster import ray_session, skip_known_ray_noise
 
 #: steps between checkpoints, each one a measured point of the curves
@@ -502,7 +502,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
 
-    base = load_params(args.params)
+    base = with_every_quality(load_params(args.params))
     shards = prepare_sample(base, args.work)
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()

@@ -2,7 +2,7 @@
 codec alone, decoded back and measured (paper, "Experiments"; DESIGN §5).
 
 Reads the test shards (``paths.shards/test``), ``evaluate.sequences`` and
-``paths.models/<quality>/``; writes ``paths.reports/<quality>/`` (``metrics.json``,
+``paths.models/<quality>/``; writes ``paths.reports/qualities/<quality>/`` (``metrics.json``,
 ``frames.csv``, ``points.json``, ``gop_profile/``, ``images/``, ...; fields in
 ``docs/evaluation.md``). One MLflow run with every number and file.
 """
@@ -19,7 +19,7 @@ from pipeline.config import ConfigError, Params, load_params
 from pipeline.eval.measure import evaluate_quality, metric_config, mlflow_metrics
 from pipeline.eval.metrics import MetricSet
 from pipeline.eval.models import load_quality_models
-from pipeline.eval.outputs import write_evaluation
+from pipeline.eval.outputs import evaluation_dir, write_evaluation
 from pipeline.eval.testset import TestSet
 from pipeline.tracking import stage_run
 from plvc.determinism import CodingMode
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     metric_set = MetricSet(metric_config(cfg, device))
     models = load_quality_models(params.paths.models, quality, device)
     sequences = load_test_set(params)
-    out_dir = Path(params.paths.reports) / quality
+    out_dir = evaluation_dir(params.paths.reports, quality)
     evaluate = cfg.model_dump(mode="json", exclude={"baselines"})  # the anchors' stage logs those
     logged = {"evaluate": evaluate, "quality": quality, "device": device}
     with stage_run("evaluate", params, logged_params=logged, run_name=f"evaluate-{quality}"):

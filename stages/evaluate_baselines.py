@@ -8,8 +8,6 @@ The anchors do not depend on the quality, so they run once. Writes
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import mlflow
 
 from pipeline.cli import run_stage, stage_parser
@@ -22,7 +20,7 @@ from pipeline.eval.measure import (
     mlflow_metrics,
 )
 from pipeline.eval.metrics import MetricSet
-from pipeline.eval.outputs import write_evaluation
+from pipeline.eval.outputs import BASELINES, evaluation_dir, write_evaluation
 from pipeline.tracking import stage_run
 from stages.evaluate import evaluation_device, load_test_set, log_files
 
@@ -36,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     configs = anchor_configs(cfg.baselines, cfg.ffmpeg)
     check_anchors(configs)
     sequences = load_test_set(params)
-    out_dir = Path(params.paths.reports) / "baselines"
+    out_dir = evaluation_dir(params.paths.reports, BASELINES)
     logged = {"evaluate": cfg.model_dump(mode="json"), "device": device}
     with stage_run("evaluate_baselines", params, logged_params=logged):
         result = evaluate_anchors(sequences, configs, metric_set, gop=cfg.gop)

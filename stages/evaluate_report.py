@@ -1,7 +1,7 @@
 """DVC stage ``evaluate_report``: RD curves of every method across the qualities, and the
 BD-rate summary against x265.
 
-Reads ``paths.reports/{<quality>...,baselines}/points.json``; writes ``paths.reports/rd/``
+Reads ``paths.reports/{qualities/<quality>...,baselines}/points.json``; writes ``paths.reports/rd/``
 (``figures/rd_<metric>.png``, ``points.json``, ``points.csv``, ``by_method/<method>.csv``) and
 ``paths.reports/summary.md`` (:func:`pipeline.eval.report.build_report`). One MLflow run, and
 the pipeline's summary on its parent run (RD points, BD-rates against every anchor, figures,

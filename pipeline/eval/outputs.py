@@ -1,4 +1,4 @@
-"""The files of one evaluation (``reports/<q>/``, ``reports/baselines/``): metrics.json,
+"""The files of one evaluation (``reports/qualities/<q>/``, ``reports/baselines/``): metrics.json,
 frames.csv, RD points, GOP profiles, sources.json and images; layout in ``docs/evaluation.md``.
 """
 
@@ -21,12 +21,26 @@ from pipeline.eval.rd import (
 from pipeline.io import write_bytes_atomic
 
 __all__ = [
+    "BASELINES",
     "clear_folder",
+    "evaluation_dir",
     "gop_profile",
     "safe_name",
     "write_evaluation",
     "write_png",
 ]
+
+
+#: the anchors' evaluation, beside the qualities' (``evaluate_baselines``)
+BASELINES = "baselines"
+
+
+def evaluation_dir(reports: str | os.PathLike[str], name: str) -> Path:
+    """Where evaluation ``name`` (a quality, or :data:`BASELINES`) writes under ``paths.reports``:
+    ``qualities/<q>/`` (one folder the report stage can depend on, whichever qualities
+    ``params.qualities`` lists) or ``baselines/``."""
+    base = Path(reports)
+    return base / BASELINES if name == BASELINES else base / "qualities" / name
 
 
 def safe_name(name: str) -> str:

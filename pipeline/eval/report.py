@@ -15,7 +15,7 @@ from typing import Any
 from pipeline.eval.bd_classes import ClassBDRates, class_bd_rates, class_bd_table, sequence_points
 from pipeline.eval.measure import REFERENCE_METHOD
 from pipeline.eval.metrics import RANDOM_SUFFIX, EvaluationError
-from pipeline.eval.outputs import clear_folder
+from pipeline.eval.outputs import BASELINES, clear_folder, evaluation_dir
 from pipeline.eval.rd import (
     PLOT_METRICS,
     BDRateError,
@@ -150,7 +150,8 @@ def build_report(
     bd_metrics: Sequence[str] = BD_METRICS,
 ) -> ReportResult:
     """RD plots, RD point files and a Markdown summary with BD-rates against ``reference``,
-    from ``reports_dir/<quality>/points.json`` and ``reports_dir/baselines/points.json``.
+    from ``reports_dir/qualities/<quality>/points.json`` and ``reports_dir/baselines/points.json``
+    (:func:`pipeline.eval.outputs.evaluation_dir`).
 
     Writes ``out_dir`` (default ``reports_dir/rd``): ``figures/rd_<metric>.png`` for every
     metric measured, ``points.json``, ``points.csv``, ``by_method/<method>.csv`` (one curve
@@ -165,16 +166,16 @@ def build_report(
     missing: list[str] = []
     docs: dict[str, dict[str, Any]] = {}
     anchors: list[str] = []
-    for name in [*qualities, "baselines"]:
-        path = reports / name / "points.json"
+    for name in [*qualities, BASELINES]:
+        path = evaluation_dir(reports, name) / "points.json"
         if not path.is_file():
             missing.append(str(path))
             continue
         read = read_points_json(path)
         points.extend(read)
-        if name == "baselines":
+        if name == BASELINES:
             anchors = list(dict.fromkeys(p.method for p in read))
-        doc = _read_metrics_doc(reports / name / "metrics.json")
+        doc = _read_metrics_doc(evaluation_dir(reports, name) / "metrics.json")
         if doc is not None:
             docs[name] = doc
     if not points:
@@ -260,7 +261,7 @@ def build_report(
         lines += ["## BD-rate per class (per sequence, then the mean)", ""]
         try:
             seq_points, groups = sequence_points(
-                [reports / name for name in [*qualities, "baselines"]], measured
+                [evaluation_dir(reports, name) for name in [*qualities, BASELINES]], measured
             )
             per_class = class_bd_rates(seq_points, groups, anchors, measured)
             lines += [class_bd_table(per_class, anchor, measured) for anchor in anchors]
@@ -286,7 +287,7 @@ def build_report(
                 + "."
             )
         lines.append("")
-    lines += anchor_points_lines(reports / "baselines" / "sources.json")
+    lines += anchor_points_lines(evaluation_dir(reports, BASELINES) / "sources.json")
 
     columns = [key for m in _REPORT_METRICS if (key := _metric_present(points, m))]
     lines += ["## Rate-distortion points", ""]

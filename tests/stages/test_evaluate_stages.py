@@ -138,7 +138,7 @@ def baselines(workspace: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def test_evaluate_stage_writes_reports_and_one_mlflow_run(evaluated: dict[str, Any]) -> None:
-    out = evaluated["reports"] / "low"
+    out = evaluated["reports"] / "qualities" / "low"
     doc = json.loads((out / "metrics.json").read_text())
     methods = {"hific_intra", "plvc_single_p", "plvc_multi_p", "plvc_gan"}
     assert set(doc["methods"]) == methods
@@ -175,7 +175,7 @@ def test_baselines_stage_codes_the_same_frames(
     assert set(doc["methods"]) == {"x264", "x265"}
     assert set(doc["methods"]["x264"]) == {"bpp=0.15", "bpp=0.4"}
     assert set(doc["methods"]["x265"]) == {"crf=28", "crf=40"}
-    ours = json.loads((evaluated["reports"] / "low" / "metrics.json").read_text())
+    ours = json.loads((evaluated["reports"] / "qualities" / "low" / "metrics.json").read_text())
     assert doc["test_set"] == ours["test_set"]  # same frames, same crop, same GOP
     rows = _rows(out / "frames.csv")
     for method, point in [("x264", "bpp=0.15"), ("x264", "bpp=0.4"), ("x265", "crf=28")]:
@@ -215,7 +215,7 @@ def test_report_stage_plots_and_summary(
     # the pipeline's parent run carries the summary the MLflow UI compares
     parent = client.get_run(run.data.tags["mlflow.parentRunId"])
     assert parent.data.tags["plvc.role"] == "pipeline"
-    points = json.loads((reports / "low" / "points.json").read_text())
+    points = json.loads((reports / "qualities" / "low" / "points.json").read_text())
     gan = next(p for p in points if p["method"] == "plvc_gan")
     assert parent.data.metrics["plvc_gan/low/bpp"] == pytest.approx(gan["bpp"])
     assert parent.data.metrics["plvc_gan/low/psnr_rgb"] == pytest.approx(gan["psnr_rgb"])

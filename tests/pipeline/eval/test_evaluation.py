@@ -34,7 +34,7 @@ from pipeline.eval.models import (
     load_quality_models,
     phase_method,
 )
-from pipeline.eval.outputs import write_evaluation
+from pipeline.eval.outputs import evaluation_dir, write_evaluation
 from pipeline.eval.rd import RDPoint, read_points_json, write_points
 from pipeline.eval.report import build_report
 from pipeline.eval.testset import TestSet, center_crop_box
@@ -513,9 +513,9 @@ def test_report_plots_and_bd_rate(tmp_path: Path) -> None:
     ref_rates = [0.05, 0.1, 0.2]
     for i, q in enumerate(("low", "medium", "high")):
         pts = _points("plvc_gan", [r / 2 for r in ref_rates][i : i + 1], psnrs[i : i + 1], [q])
-        write_points(pts, reports / q)
+        write_points(pts, evaluation_dir(reports, q))
         doc = {"test_set": {"fingerprint": "abc", "sequences": 2, "frames": 14}, "gop": 4}
-        (reports / q / "metrics.json").write_text(json.dumps(doc))
+        (evaluation_dir(reports, q) / "metrics.json").write_text(json.dumps(doc))
     anchors = _points("x264", [2 * r for r in ref_rates], psnrs, ["crf=4", "crf=5", "crf=6"])
     anchors += _points("x265", ref_rates, psnrs, ["crf=1", "crf=2", "crf=3"])
     write_points(anchors, reports / "baselines")
@@ -540,10 +540,10 @@ def test_report_plots_and_bd_rate(tmp_path: Path) -> None:
     assert [r["point"] for r in curve] == ["low", "medium", "high"]
     assert len(read_points_json(reports / "rd" / "points.json")) == 9
 
-    (reports / "high" / "points.json").unlink()
+    (reports / "qualities" / "high" / "points.json").unlink()
     (reports / "baselines" / "points.json").unlink()
     text = build_report(reports, ["low", "medium", "high"]).summary_path.read_text()
-    assert "high/points.json" in text and "n/a against x265: no x265 points" in text
+    assert "qualities/high/points.json" in text and "n/a against x265: no x265 points" in text
 
 
 def test_report_without_inputs_names_them(tmp_path: Path) -> None:
