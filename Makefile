@@ -19,8 +19,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pipeline.ray_cluster -- dvc repro
 
+# Two pytest workers (pytest-xdist); the tests that start Ray share one of them (tests/conftest.py).
 test: $(STAMP)
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 # The cluster path: a two-node Ray cluster and an MLflow server on this machine, stages
 # submitted with `ray job submit`, faults from outside (docs/cluster.md); ~15 min on 2 cores.

@@ -15,6 +15,38 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 
+# Test modules that start Ray (in this process or in the stage processes they run). Under
+# pytest-xdist (`make test`: -n 2 --dist loadgroup) they all run in one worker, one after the
+# other: two local Ray clusters on one machine break each other's token auth.
+RAY_MODULES = frozenset(
+    {
+        "tests/pipeline/test_ray_cluster.py",
+        "tests/pipeline/data/test_datasets.py",
+        "tests/pipeline/data/test_iframes.py",
+        "tests/pipeline/train/test_phases_plvc.py",
+        "tests/pipeline/train/test_runner.py",
+        "tests/stages/test_hific_stages.py",
+        "tests/stages/test_plvc_stages.py",
+        "tests/stages/test_cluster_jobs.py",
+    }
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    root = config.rootpath
+    for item in items:
+        module = item.path.relative_to(root).as_posix() if item.path.is_relative_to(root) else ""
+        uses_ray = (
+            module in RAY_MODULES
+            or item.get_closest_marker("ray") is not None
+            or "ray_local" in getattr(item, "fixturenames", ())
+        )
+        if uses_ray:
+            item.add_marker(pytest.mark.xdist_group("ray"))
+
+
 @pytest.fixture(scope="session")
 def ray_local() -> Iterator[None]:
     """One local Ray (2 CPUs, loopback only) for the whole session, shut down at the end."""
