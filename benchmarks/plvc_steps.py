@@ -3,6 +3,7 @@ in one plain process and under the runner (Ray Train, DDP) with 1 and 2 workers.
 
     .venv/bin/python -m benchmarks.plvc_steps [--models tiny paper] [--phases single_p multi_p gan]
         [--workers 1 2] [--crop 64] [--batch 2] [--pframes 6] [--steps 8] [--plain-steps 3]
+        [--layouts float32 channels_last bf16 bf16_channels_last]
 
 ``--workers 0`` skips Ray (plain process only). Ray figures come from the runner's last
 logging window (the second half of the run), so start-up and the first iterations are not
@@ -62,15 +63,30 @@ def _clips(n: int, frames: int, size: int) -> list[dict[str, Any]]:
     return out
 
 
-def _plain(phase: PLVCPhase, steps: int, clips: list[dict[str, Any]]) -> float:
-    """Seconds per step of the same iterations in this process, without Ray or DDP."""
+def _plain(
+    phase: PLVCPhase,
+    steps: int,
+    clips: list[dict[str, Any]],
+    *,
+    bf16: bool = False,
+    channels_last: bool = False,
+) -> float:
+    """Seconds per step of the same iterations in this process, without Ray or DDP (what a
+    worker does with ``runner.cpu_bf16`` / ``runner.bf16`` and ``runner.channels_last``)."""
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     models = phase.build_models()
+    layout = torch.channels_last if channels_last else torch.contiguous_format
     for module in models.named().values():
-        module.to(device)
+        module.to(device, memory_format=layout)
     phase.setup(device)
-    stepper = PhaseStepper(phase, models, phase.build_optimizers(models), grad_clip=1.0)
+    stepper = PhaseStepper(
+        phase,
+        models,
+        phase.build_optimizers(models),
+        grad_clip=1.0,
+        autocast_dtype=torch.bfloat16 if bf16 else None,
+    )
     rows = clips[: phase.batch_size]
     columns = {key: np.stack([r[key] for r in rows]) for key in ("frames", "iframe")}
     batch = phase.prepare_batch(columns, device)
@@ -98,6 +114,13 @@ def main() -> None:
     parser.add_argument("--cpus-per-worker", type=float, default=0.5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads, plain process")
     parser.add_argument("--gpu", action="store_true", help="Ray workers on GPUs")
+    parser.add_argument(
+        "--layouts",
+        nargs="+",
+        default=["float32"],
+        choices=["float32", "channels_last", "bf16", "bf16_channels_last"],
+        help="precision and memory format of the plain-process steps (bf16: autocast)",
+    )
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -110,14 +133,22 @@ def main() -> None:
     rows: list[tuple[str, str, str, float]] = []
     for model in args.models:
         for name in args.phases:
-            phase = _phase(name, model, args.crop, args.batch, args.pframes)
-            per_step = _plain(phase, args.plain_steps, clips)
-            rows.append((model, name, "plain", per_step))
-            print(
-                f"{model:5s} {name:8s} plain process : {per_step:7.3f} s/step  "
-                f"{args.batch / per_step:7.2f} clips/s",
-                flush=True,
-            )
+            for layout in args.layouts:
+                phase = _phase(name, model, args.crop, args.batch, args.pframes)
+                per_step = _plain(
+                    phase,
+                    args.plain_steps,
+                    clips,
+                    bf16=layout.startswith("bf16"),
+                    channels_last=layout.endswith("channels_last"),
+                )
+                if layout == "float32":
+                    rows.append((model, name, "plain", per_step))
+                print(
+                    f"{model:5s} {name:8s} plain process, {layout:18s}: {per_step:7.3f} s/step  "
+                    f"{args.batch / per_step:7.2f} clips/s",
+                    flush=True,
+                )
     ray_workers = [w for w in args.workers if w > 0]
     if ray_workers:
         init_ray(num_cpus=None if args.gpu else 2)
