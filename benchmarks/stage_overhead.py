@@ -1,11 +1,11 @@
 """Fixed cost of the PLVC training stages: what a stage costs on top of its training steps.
 
     .venv/bin/python -m benchmarks.stage_overhead [--stages train_single_p train_multi_p]
-        [--steps 1 6] [--code-root DIR] [--own-ray] [--workdir DIR]
+        [--steps 6] [--code-root DIR] [--own-ray] [--workdir DIR]
 
 Each stage runs as DVC runs it (its own process: ``python -m stages.<name> --quality medium``)
-on the built-in sample, twice, with ``--steps`` a and b training steps (fresh Ray Train storage
-each time): fixed cost = wall(a) - a x (wall(b) - wall(a)) / (b - a). The I-frames come from a
+on the built-in sample with ``--steps`` training steps (fresh Ray Train storage): fixed cost =
+wall - steps x (time from step 1 to the last step) / (steps - 1). The I-frames come from a
 randomly initialised tiny HiFiC given as ``hific.pretrained`` (the stages' fixed costs do not
 depend on its weights). Every run is also split at the timestamps it leaves in MLflow:
 
@@ -93,14 +93,13 @@ def _timeline(tracking_uri: str, run_name: str, started: float, ended: float) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stages", nargs="+", default=list(PHASE_KEY), choices=list(PHASE_KEY))
-    parser.add_argument("--steps", nargs=2, type=int, default=[1, 6], metavar=("A", "B"))
+    parser.add_argument("--steps", type=int, default=6, help="training steps per stage (>= 2)")
     parser.add_argument("--code-root", type=Path, default=REPO)
     parser.add_argument("--own-ray", action="store_true", help="each stage starts its own Ray")
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
-    a, b = args.steps
-    if not 0 < a < b:
-        parser.error("--steps A B needs 0 < A < B")
+    if args.steps < 2:
+        parser.error("--steps must be at least 2 (the step time is measured from step 1 on)")
     code_root = args.code_root.resolve()
     workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="stage_overhead_"))).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -113,7 +112,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     hific = workdir / "hific_random.pt"
-    save_hific(HiFiC(HiFiCConfig.tiny()), hific)
+    save_hific(hific, HiFiC(HiFiCConfig.tiny()))
     params = _params(code_root, workdir, hific)
     env = {
         **os.environ,
@@ -142,14 +141,17 @@ def main() -> None:
         if not args.own_ray:
             from pipeline.ray_cluster import SINGLE_NODE_TRAIN_ENV, local_head
 
-            env.update({**SINGLE_NODE_TRAIN_ENV, "RAY_ADDRESS": stack.enter_context(local_head())})
-        rows = _measure(args.stages, (a, b), params, params_file, stage)
-    _print_table(args.stages, (a, b), rows)
+            address = stack.enter_context(local_head())
+            # what starting the head set here (its auth mode), as `pipeline.ray_cluster` passes
+            env.update({k: v for k, v in os.environ.items() if k.startswith("RAY_")})
+            env.update({**SINGLE_NODE_TRAIN_ENV, "RAY_ADDRESS": address})
+        rows = _measure(args.stages, args.steps, params, params_file, stage)
+    _print_table(rows)
 
 
 def _measure(
     stages: list[str],
-    steps_ab: tuple[int, int],
+    steps: int,
     params: dict[str, Any],
     params_file: Callable[..., Path],
     stage: Callable[[str, Path, str], tuple[float, float]],
@@ -162,36 +164,24 @@ def _measure(
 
     rows: list[tuple[str, int, dict[str, float]]] = []
     for name in stages:
-        phase = PHASE_KEY[name]
-        for steps in steps_ab:
-            params["train"][phase]["steps"] = steps
-            path = params_file(f"{name}-{steps}", storage_path=str(workdir / f"ray-{name}-{steps}"))
-            started, ended = stage(name, path, f"{name}-{steps}")
-            parts = _timeline(params["tracking"]["uri"], f"{name}-{QUALITY}", started, ended)
-            rows.append((name, steps, parts))
-            print(
-                f"  {name} {steps:3d} steps: "
-                + ", ".join(f"{k} {v:.1f} s" for k, v in parts.items()),
-                flush=True,
-            )
+        params["train"][PHASE_KEY[name]]["steps"] = steps
+        path = params_file(name, storage_path=str(workdir / f"ray-{name}"))
+        started, ended = stage(name, path, name)
+        parts = _timeline(params["tracking"]["uri"], f"{name}-{QUALITY}", started, ended)
+        rows.append((name, steps, parts))
+        print(f"  {name}: " + ", ".join(f"{k} {v:.1f} s" for k, v in parts.items()), flush=True)
     return rows
 
 
-def _print_table(
-    stages: list[str], steps_ab: tuple[int, int], rows: list[tuple[str, int, dict[str, float]]]
-) -> None:
-    a, b = steps_ab
+def _print_table(rows: list[tuple[str, int, dict[str, float]]]) -> None:
     keys = ["start -> run", "run -> step 1", "steps", "last -> end", "end -> exit", "wall"]
     print("\n| stage | steps | " + " | ".join(keys) + " | fixed cost |")
     print("|---|---|" + "---|" * (len(keys) + 1))
-    for name in stages:
-        by_steps = {steps: parts for n, steps, parts in rows if n == name}
-        per_step = (by_steps[b]["wall"] - by_steps[a]["wall"]) / (b - a)
-        fixed = by_steps[a]["wall"] - a * per_step
-        for steps in (a, b):
-            cells = " | ".join(f"{by_steps[steps][k]:.1f} s" for k in keys)
-            tail = f"{fixed:.1f} s ({per_step:.2f} s/step)" if steps == a else ""
-            print(f"| `{name}` | {steps} | {cells} | {tail} |")
+    for name, steps, parts in rows:
+        per_step = parts["steps"] / (steps - 1)
+        fixed = parts["wall"] - steps * per_step
+        cells = " | ".join(f"{parts[k]:.1f} s" for k in keys)
+        print(f"| `{name}` | {steps} | {cells} | {fixed:.1f} s ({per_step:.2f} s/step) |")
 
 
 if __name__ == "__main__":
