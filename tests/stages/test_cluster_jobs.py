@@ -101,6 +101,9 @@ def job(
                 image_every=1000,
                 max_failures=3,
                 materialize_data=False,
+                # the faults below are timed against float32 steps (the sample trains in bf16)
+                cpu_bf16=False,
+                channels_last=False,
             )
             data["tracking"].update(uri=None, retry_s=2.0)
             data["train"]["single_p"].update(steps=STEPS, batch_size=2, crop=64)
