@@ -145,18 +145,18 @@ def main() -> None:
             # what starting the head set here (its auth mode), as `pipeline.ray_cluster` passes
             env.update({k: v for k, v in os.environ.items() if k.startswith("RAY_")})
             env.update({**SINGLE_NODE_TRAIN_ENV, "RAY_ADDRESS": address})
-        rows = _measure(args.stages, args.steps, params, params_file, stage)
+        rows = _measure(args.stages, args.steps, workdir, params, params_file, stage)
     _print_table(rows)
 
 
 def _measure(
     stages: list[str],
     steps: int,
+    workdir: Path,
     params: dict[str, Any],
     params_file: Callable[..., Path],
     stage: Callable[[str, Path, str], tuple[float, float]],
 ) -> list[tuple[str, int, dict[str, float]]]:
-    workdir = Path(params["tracking"]["uri"].removeprefix("sqlite:///")).parent
     setup = params_file("setup")
     for module in ("download", "shard", "train_hific", "iframes"):
         started, ended = stage(module, setup, module)
